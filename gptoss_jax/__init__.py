@@ -1,0 +1,13 @@
+"""gptoss-jax: OpenAI's gpt-oss models in JAX / Flax NNX.
+
+    import gptoss_jax
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.init_params(config, seed=0)
+    logits = gptoss_jax.forward(config, params, tokens)   # int32 [batch, seq] -> float32 [batch, seq, vocab]
+"""
+
+from gptoss_jax.config import Config, load_config
+from gptoss_jax.model import forward
+from gptoss_jax.params import abstract_params, init_params, logical_axes
+
+__all__ = ["Config", "abstract_params", "forward", "init_params", "load_config", "logical_axes"]

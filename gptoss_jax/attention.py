@@ -1,0 +1,59 @@
+"""Attention math shared by the forward pass, prefill and decode: YaRN rotary embeddings and
+softmax attention with a learned sink, masked by positions (causal, optional sliding window).
+
+Dimension letters: b batch, t query positions, s key positions, n query heads, k KV heads,
+g query heads per KV head, h head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_jax.config import Config, yarn_inv_freq_and_scale
+
+
+def rope_cos_sin(config: Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """YaRN cos and sin, float32 [b, t, h/2], already multiplied by YaRN's attention scale."""
+    inv_freq, scale = yarn_inv_freq_and_scale(config)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(np.float32(inv_freq))
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half rotation (NeoX layout) of x [b, t, heads, h] by cos, sin [b, t, h/2]; float32 math."""
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+
+
+def visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
+    """Mask [b, t, s]: key j is visible to query i iff 0 <= pos_j <= pos_i (and pos_i - pos_j < window)."""
+    q, k = q_positions[:, :, None], k_positions[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positions: jax.Array,
+           k_positions: jax.Array, window: int | None) -> jax.Array:
+    """Softmax attention with a per-head sink logit; scores and softmax in float32.
+
+    q [b, t, n, h]; k, v [b, s, k, h]; sinks [n]; q_positions [b, t]; k_positions [b, s] (negative:
+    an empty or padding slot) -> [b, t, n, h]. The sink joins the softmax's denominator only:
+    w_j = exp(s_j) / (sum_i exp(s_i) + exp(sink)), so a query may attend to nothing.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * h ** -0.5
+    mask = visible(q_positions, k_positions, window)[:, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1, 1)
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    weights = jnp.exp(scores - top)
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
+    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v.dtype), v)
+    return out.reshape(b, t, n, h)

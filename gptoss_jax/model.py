@@ -1,0 +1,196 @@
+"""gpt-oss as Flax NNX modules, used functionally through `forward(config, params, tokens)`.
+
+Each weight is declared once, here, with its shape, dtype and logical axis names (the `axes`
+metadata of `nnx.Param`). Layers come in (sliding, full) pairs stacked along a leading `layers`
+axis and run under one `jax.lax.scan`, so the compiled program holds one pair whatever the depth.
+
+Dimension letters in einsums: b batch, t/s query/key positions, d hidden, n query heads,
+k KV heads, g query heads per KV head, h head dim, e experts, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax import attention, moe
+from gptoss_jax.config import Config
+
+Params = dict[str, Any]
+"""A plain nested dict of arrays: the model's weights (see `params.py` for their paths)."""
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
+            fan_in: int | None = None, std: float | None = None) -> nnx.Param:
+    """Declares one weight: random normal init with std `std` or `fan_in ** -0.5`."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(_normal(rngs, shape, std if std is not None else fan_in ** -0.5, dtype), axes=axes)
+
+
+def _project(spec: str, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """einsum(spec, x, kernel) + bias, accumulated and returned in float32."""
+    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32 with a float32 scale (as transformers keeps it), output in the input dtype."""
+
+    def __init__(self, config: Config, rngs: nnx.Rngs):
+        self.eps = config.rms_eps
+        self.scale = nnx.Param(jnp.ones((config.hidden,), jnp.float32)
+                               + _normal(rngs, (config.hidden,), 0.1, jnp.float32), axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., d] -> [..., d]."""
+        t = x.astype(jnp.float32)
+        t = t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * t).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with biases, YaRN rotary embeddings and a learned per-head sink."""
+
+    def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q = _weight(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype, fan_in=d)
+        self.q_bias = _weight(rngs, (n, h), ("q_heads", "head_dim"), dtype, std=0.02)
+        self.k = _weight(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, fan_in=d)
+        self.k_bias = _weight(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
+        self.v = _weight(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, fan_in=d)
+        self.v_bias = _weight(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
+        self.o = _weight(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype, fan_in=n * h)
+        self.o_bias = _weight(rngs, (d,), ("embed",), dtype, std=0.02)
+        self.sinks = _weight(rngs, (n,), ("q_heads",), dtype, std=1.0)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 window: int | None) -> jax.Array:
+        """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d]."""
+        dtype = self.q.dtype
+        x = x.astype(dtype)
+        q = _project("btd,dnh->btnh", x, self.q[...], self.q_bias[...])
+        k = _project("btd,dkh->btkh", x, self.k[...], self.k_bias[...])
+        v = _project("btd,dkh->btkh", x, self.v[...], self.v_bias[...])
+        q, k = attention.apply_rope(q, *rope).astype(dtype), attention.apply_rope(k, *rope).astype(dtype)
+        out = attention.attend(q, k, v.astype(dtype), self.sinks[...], positions, positions, window)
+        return _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...])
+
+
+class MoE(nnx.Module):
+    """Top-k router (top-k on logits, softmax over the k) and experts with clamped SwiGLU."""
+
+    def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs):
+        d, e, i = config.hidden, config.num_experts, config.intermediate
+        self.config = config
+        self.router = _weight(rngs, (d, e), ("embed", "experts"), dtype, fan_in=d)
+        self.router_bias = _weight(rngs, (e,), ("experts",), dtype, std=0.02)
+        # gate_up columns interleave gate (even) and up (odd), as in the released checkpoints.
+        self.gate_up = _weight(rngs, (e, d, 2 * i), ("experts", "embed", "expert_mlp"), dtype, fan_in=d)
+        self.gate_up_bias = _weight(rngs, (e, 2 * i), ("experts", "expert_mlp"), dtype, std=0.02)
+        self.down = _weight(rngs, (e, i, d), ("experts", "expert_mlp", "embed"), dtype, fan_in=i)
+        self.down_bias = _weight(rngs, (e, d), ("experts", "embed"), dtype, std=0.02)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [b, t, d] -> [b, t, d]."""
+        expert_ids, expert_weights = moe.route(x, self.router[...].astype(jnp.float32), self.router_bias[...],
+                                               self.config.experts_per_token)
+        return moe.experts(x.astype(self.gate_up.dtype), expert_ids, expert_weights, self.gate_up[...], self.gate_up_bias[...],
+                           self.down[...], self.down_bias[...], alpha=self.config.swiglu_alpha,
+                           limit=self.config.swiglu_limit)
+
+
+class Block(nnx.Module):
+    """One decoder layer: x += attention(norm(x)); x += moe(norm(x))."""
+
+    def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs, window: int | None):
+        self.window = window
+        self.attn_norm = RMSNorm(config, rngs)
+        self.attn = Attention(config, dtype, rngs)
+        self.mlp_norm = RMSNorm(config, rngs)
+        self.mlp = MoE(config, dtype, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, rope, self.window)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LayerPair(nnx.Module):
+    """A sliding-window layer (even index) followed by a full-attention layer (odd index)."""
+
+    def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs):
+        self.sliding = Block(config, dtype, rngs, window=config.sliding_window)
+        self.full = Block(config, dtype, rngs, window=None)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+        """Returns the output and both layers' outputs [2, b, t, d]."""
+        after_sliding = self.sliding(x, positions, rope)
+        after_full = self.full(after_sliding, positions, rope)
+        return after_full, jnp.stack([after_sliding, after_full])
+
+
+class Transformer(nnx.Module):
+    """Embedding, `num_layer_pairs` stacked LayerPairs, final norm, untied unembedding."""
+
+    def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs):
+        self.config = config
+        d, v = config.hidden, config.vocab_size
+        self.embed = _weight(rngs, (v, d), ("vocab", "embed"), dtype, std=1.0)
+
+        @nnx.split_rngs(splits=config.num_layer_pairs)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_pairs(rngs: nnx.Rngs) -> LayerPair:
+            return LayerPair(config, dtype, rngs)
+
+        self.layers = make_pairs(rngs)
+        self.norm = RMSNorm(config, rngs)
+        self.unembed = _weight(rngs, (v, d), ("vocab", "embed"), dtype, fan_in=d)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """tokens int32 [b, t] -> (logits float32 [b, t, v], hidden states after each layer [L, b, t, d])."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32
+        rope = attention.rope_cos_sin(self.config, positions)
+        pair_graph, pair_params = nnx.split(self.layers)
+
+        def one_pair(x: jax.Array, params: Any) -> tuple[jax.Array, jax.Array]:
+            return nnx.merge(pair_graph, params)(x, positions, rope)
+
+        x, hidden = jax.lax.scan(one_pair, x, pair_params)
+        hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
+        logits = jnp.einsum("btd,vd->btv", self.norm(x).astype(self.unembed.dtype), self.unembed[...],
+                            preferred_element_type=jnp.float32)
+        return logits, hidden
+
+
+@functools.lru_cache(maxsize=None)
+def graph_def(config: Config) -> nnx.GraphDef:
+    """The module structure for `config` (no weights allocated)."""
+    graph, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, jnp.float32, nnx.Rngs(0))))
+    return graph
+
+
+def build(config: Config, params: Params) -> Transformer:
+    """The NNX module for `config` holding `params` (inside or outside `jax.jit`)."""
+    return nnx.merge(graph_def(config), params)
+
+
+def forward(config: Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
+            *, return_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Logits float32 [b, t, vocab] for int32 `tokens` [b, t].
+
+    `positions` [b, t] defaults to 0..t-1 per row; a negative position marks a padding token, which
+    no other token attends to. With `return_hidden`, also returns each layer's output [layers, b, t, d].
+    """
+    logits, hidden = build(config, params)(tokens, positions)
+    return (logits, hidden) if return_hidden else logits

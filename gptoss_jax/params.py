@@ -1,0 +1,204 @@
+"""The model's weights as plain pytrees, and the one map between Hugging Face names and param paths.
+
+Shapes, dtypes and logical axes all come from the declarations in `model.py`:
+- `abstract_params(config, dtype)`: a pytree of `jax.ShapeDtypeStruct` (no memory),
+- `logical_axes(config)`: the same tree with a tuple of logical axis names per weight,
+- `init_params(config, seed, dtype)`: random weights (tests, synthetic benchmarks).
+
+Param paths are tuples of dict keys, e.g. `("layers", "full", "attn", "q")`; weights under
+`layers` carry a leading axis of `num_layer_pairs` (Hugging Face layer 2p is `sliding`[p], 2p+1 is
+`full`[p]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.config import Config
+from gptoss_jax.model import Params, Transformer
+
+Path = tuple[str, ...]
+LAYER_AXIS = "layers"
+
+
+def _abstract_state(config: Config, dtype: Any) -> nnx.State:
+    return nnx.state(nnx.eval_shape(lambda: Transformer(config, dtype, nnx.Rngs(0))))
+
+
+def abstract_params(config: Config, dtype: Any = jnp.bfloat16) -> Params:
+    """Pytree of `jax.ShapeDtypeStruct` shaped like `init_params(config, ..., dtype)`; allocates nothing."""
+    return nnx.to_pure_dict(_abstract_state(config, dtype))
+
+
+def logical_axes(config: Config) -> Params:
+    """Pytree of logical axis-name tuples, one per weight (stacked weights start with `layers`)."""
+
+    def axes(variable: nnx.Variable) -> tuple[str, ...]:
+        names = tuple(variable.get_metadata()["axes"])
+        stacked = variable.value.ndim - len(names)
+        assert stacked in (0, 1), (names, variable.value.shape)
+        return (LAYER_AXIS,) * stacked + names
+
+    state = _abstract_state(config, jnp.float32)
+    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16) -> Params:
+    """Random weights for `config` (normal, fan-in scaled; biases and sinks nonzero). Norm scales
+    stay float32 whatever `dtype`, as in the released checkpoints' transformers model."""
+
+    @jax.jit
+    def make() -> Params:
+        return nnx.to_pure_dict(nnx.state(Transformer(config, dtype, nnx.Rngs(seed))))
+
+    return make()
+
+
+def flatten(params: Params) -> dict[Path, Any]:
+    """{param path: leaf} for a params-shaped pytree."""
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflatten(flat: Mapping[Path, Any]) -> Params:
+    """Inverse of `flatten`."""
+    tree: Params = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face names <-> param paths
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where one Hugging Face tensor lives in the params, and how its layout differs.
+
+    `to_param` maps the HF array (torch layout, [out, in] for linear weights) to the param's layout
+    (one layer's slice for stacked weights); `to_hf` is its inverse.
+    """
+
+    name: str
+    path: Path
+    layer_pair: int | None
+    to_param: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _per_layer_table(c: Config) -> dict[str, tuple[Path, Callable, Callable]]:
+    d, n, k, h = c.hidden, c.num_heads, c.num_kv_heads, c.head_dim
+
+    def linear(heads: int) -> tuple[Callable, Callable]:  # [heads*h, d] <-> [d, heads, h]
+        return (lambda a: a.T.reshape(d, heads, h)), (lambda a: a.reshape(d, heads * h).T)
+
+    def bias(heads: int) -> tuple[Callable, Callable]:  # [heads*h] <-> [heads, h]
+        return (lambda a: a.reshape(heads, h)), (lambda a: a.reshape(heads * h))
+
+    transpose = (lambda a: a.T), (lambda a: a.T)
+    return {
+        "input_layernorm.weight": (("attn_norm", "scale"), _same, _same),
+        "post_attention_layernorm.weight": (("mlp_norm", "scale"), _same, _same),
+        "self_attn.q_proj.weight": (("attn", "q"), *linear(n)),
+        "self_attn.q_proj.bias": (("attn", "q_bias"), *bias(n)),
+        "self_attn.k_proj.weight": (("attn", "k"), *linear(k)),
+        "self_attn.k_proj.bias": (("attn", "k_bias"), *bias(k)),
+        "self_attn.v_proj.weight": (("attn", "v"), *linear(k)),
+        "self_attn.v_proj.bias": (("attn", "v_bias"), *bias(k)),
+        "self_attn.o_proj.weight": (("attn", "o"), lambda a: a.T.reshape(n, h, d), lambda a: a.reshape(n * h, d).T),
+        "self_attn.o_proj.bias": (("attn", "o_bias"), _same, _same),
+        "self_attn.sinks": (("attn", "sinks"), _same, _same),
+        "mlp.router.weight": (("mlp", "router"), *transpose),
+        "mlp.router.bias": (("mlp", "router_bias"), _same, _same),
+        "mlp.experts.gate_up_proj": (("mlp", "gate_up"), _same, _same),
+        "mlp.experts.gate_up_proj_bias": (("mlp", "gate_up_bias"), _same, _same),
+        "mlp.experts.down_proj": (("mlp", "down"), _same, _same),
+        "mlp.experts.down_proj_bias": (("mlp", "down_bias"), _same, _same),
+    }
+
+
+_GLOBAL_TABLE: dict[str, Path] = {
+    "model.embed_tokens.weight": ("embed",),
+    "model.norm.weight": ("norm", "scale"),
+    "lm_head.weight": ("unembed",),
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def hf_tensor(config: Config, name: str) -> HFTensor:
+    """The map entry for Hugging Face tensor `name`; KeyError (naming it) for an unknown name."""
+    if name in _GLOBAL_TABLE:
+        return HFTensor(name, _GLOBAL_TABLE[name], None, _same, _same)
+    match = _LAYER_NAME.fullmatch(name)
+    table = _per_layer_table(config)
+    if match and int(match[1]) < config.num_layers and match[2] in table:
+        layer = int(match[1])
+        sub, to_param, to_hf = table[match[2]]
+        kind = "sliding" if layer % 2 == 0 else "full"
+        return HFTensor(name, ("layers", kind, *sub), layer // 2, to_param, to_hf)
+    raise KeyError(f"unexpected tensor {name!r}: not a weight of gpt-oss config {config.name!r} "
+                   f"({config.num_layers} layers)")
+
+
+def hf_names(config: Config) -> list[str]:
+    """Every Hugging Face tensor name of a dense (non-MXFP4) checkpoint for `config`, in layer order."""
+    per_layer = [f"model.layers.{i}.{suffix}" for i in range(config.num_layers)
+                 for suffix in _per_layer_table(config)]
+    return ["model.embed_tokens.weight", *per_layer, "model.norm.weight", "lm_head.weight"]
+
+
+def params_from_hf(config: Config, tensors: Mapping[str, np.ndarray], dtype: Any = jnp.bfloat16,
+                   source: str = "checkpoint") -> Params:
+    """Params from a mapping of Hugging Face names to arrays (all tensors in memory: small models,
+    tests). Missing, unexpected or mis-shaped tensors raise ValueError naming `source` and the tensor.
+    """
+    missing = sorted(set(hf_names(config)) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    abstract = flatten(abstract_params(config, dtype))
+    slices: dict[Path, list[np.ndarray | None]] = {}
+    flat: dict[Path, Any] = {}
+    for name, array in tensors.items():
+        try:
+            entry = hf_tensor(config, name)
+        except KeyError as err:
+            raise ValueError(f"{source}: {err.args[0]}") from None
+        value = entry.to_param(np.asarray(array))
+        target = abstract[entry.path]
+        expected = target.shape[1:] if entry.layer_pair is not None else target.shape
+        if value.shape != tuple(expected):
+            raise ValueError(f"{source}: tensor {name!r} has shape {np.shape(array)}, which does not match "
+                             f"config {config.name!r} (expected {tuple(expected)} after layout change)")
+        if entry.layer_pair is None:
+            flat[entry.path] = jnp.asarray(value, target.dtype)
+        else:
+            slices.setdefault(entry.path, [None] * config.num_layer_pairs)[entry.layer_pair] = value
+    for path, layers in slices.items():
+        flat[path] = jnp.asarray(np.stack(layers), abstract[path].dtype)
+    return unflatten(flat)
+
+
+def params_to_hf(config: Config, params: Params) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, array in HF layout) for every weight, one at a time, in layer order."""
+    flat = flatten(params)
+    for name in hf_names(config):
+        entry = hf_tensor(config, name)
+        value = flat[entry.path]
+        if entry.layer_pair is not None:
+            value = value[entry.layer_pair]
+        yield name, entry.to_hf(np.asarray(value))

@@ -1,0 +1,51 @@
+"""Test setup: 8 simulated CPU devices, the persistent compilation cache, and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("GPTOSS_JAX_TEST_CACHE", str(Path.home() / ".cache" / "gptoss-jax-tests" / "xla")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_CONFIGS = ("tiny-a", "tiny-b")
+
+
+class Golden:
+    """One tiny config's reference: its config, HF tensors and transformers' outputs."""
+
+    def __init__(self, name: str):
+        import gptoss_jax
+
+        self.name = name
+        self.dir = FIXTURES / name
+        self.config = gptoss_jax.load_config(name)
+        self.hf_tensors = load_file(self.dir / "model.safetensors")
+        self.outputs = dict(np.load(self.dir / "golden.npz"))
+
+    def params(self, dtype=np.float32):
+        from gptoss_jax.params import params_from_hf
+
+        return params_from_hf(self.config, self.hf_tensors, dtype, source=str(self.dir))
+
+
+@pytest.fixture(scope="session", params=TINY_CONFIGS)
+def golden(request) -> Golden:
+    return Golden(request.param)
+
+
+def assert_close_to_reference(actual, reference, what: str) -> None:
+    """The project's parity bound: max |actual - reference| <= 1e-4 * max(1, max |reference|)."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
+    error = np.max(np.abs(actual - reference))
+    bound = 1e-4 * max(1.0, np.max(np.abs(reference)))
+    assert error <= bound, f"{what}: max error {error:.3g} > bound {bound:.3g}"

@@ -1,0 +1,82 @@
+"""The forward pass against transformers' GptOssForCausalLM (golden fixtures, float32, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close_to_reference
+
+import gptoss_jax
+from gptoss_jax import attention
+
+
+def test_logits_and_every_layer_match_reference(golden):
+    ref = golden.outputs
+    config = golden.config
+    assert ref["tokens"].shape[1] >= 2.5 * config.sliding_window and ref["tokens"].shape[0] >= 2
+    logits, hidden = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t, return_hidden=True))(
+        golden.params(np.float32), ref["tokens"])
+    assert logits.dtype == jnp.float32 and logits.shape == ref["logits"].shape
+    for layer in range(config.num_layers):
+        assert_close_to_reference(hidden[layer], ref["hidden"][layer], f"{golden.name} layer {layer} output")
+    assert_close_to_reference(logits, ref["logits"], f"{golden.name} logits")
+
+
+def test_bfloat16_argmax_agrees_with_float32(golden):
+    """bfloat16 weights and matmuls pick float32's argmax at least as often as transformers' own
+    bfloat16 model does, on the same weights and 8 x 128 tokens.
+
+    The tiny random models have flat logits and near-tie routing, so even transformers' bfloat16
+    agrees with its float32 on only 92-95% of positions (stored in the fixture): that figure, not a
+    fixed 99%, is the bar a random model allows.
+    """
+    run = jax.jit(lambda p, t: gptoss_jax.forward(golden.config, p, t))
+    full_params, half_params = golden.params(np.float32), golden.params(jnp.bfloat16)
+    tokens, reference = golden.outputs["bf16_tokens"], float(golden.outputs["bf16_agreement"])
+    full, half = np.asarray(run(full_params, tokens)), np.asarray(run(half_params, tokens))
+    agreement = np.mean(full.argmax(-1) == half.argmax(-1))
+    assert agreement >= max(reference, 0.9), (
+        f"bfloat16 argmax agrees with float32 on {agreement:.1%}; transformers' bfloat16: {reference:.1%}")
+
+
+def test_sliding_window_limits_what_a_query_sees(golden):
+    """Changing a token more than `window` positions back changes full layers only; a sliding-only
+    stack would not see it. Checked on the first (sliding) layer's output."""
+    config, tokens = golden.config, golden.outputs["tokens"][:1].copy()
+    run = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t, return_hidden=True)[1][0])
+    params = golden.params(np.float32)
+    before = np.asarray(run(params, tokens))
+    changed = tokens.copy()
+    changed[0, 0] = (changed[0, 0] + 1) % config.vocab_size
+    after = np.asarray(run(params, changed))
+    w = config.sliding_window
+    assert np.abs(after[0, :w] - before[0, :w]).max() > 1e-3  # inside the window: seen
+    np.testing.assert_array_equal(after[0, w:], before[0, w:])  # beyond it: unseen
+
+
+def test_padding_positions_are_invisible(golden):
+    """Left padding (negative positions) does not change the other tokens' logits."""
+    config, tokens = golden.config, golden.outputs["tokens"][:1]
+    params = golden.params(np.float32)
+    plain = gptoss_jax.forward(config, params, tokens)
+    pad = 5
+    padded = np.concatenate([np.zeros((1, pad), np.int32), tokens], axis=1)
+    positions = np.arange(padded.shape[1], dtype=np.int32)[None] - pad
+    shifted = gptoss_jax.forward(config, params, padded, jnp.asarray(np.where(positions < 0, -1, positions)))
+    np.testing.assert_allclose(np.asarray(shifted)[:, pad:], np.asarray(plain), atol=1e-5, rtol=1e-5)
+
+
+def test_yarn_frequencies_match_reference():
+    """inv_freq and scale equal transformers' YaRN (truncate=False) for the 20b config, hand-computed."""
+    config = gptoss_jax.load_config("gpt-oss-20b")
+    inv_freq, scale = gptoss_jax.config.yarn_inv_freq_and_scale(config)
+    d, theta = 64, 150000.0
+    low = d / 2 * np.log(4096 / (32 * 2 * np.pi)) / np.log(theta)
+    high = d / 2 * np.log(4096 / (1 * 2 * np.pi)) / np.log(theta)
+    i = np.arange(d // 2)
+    ramp = np.clip((i - low) / (high - low), 0, 1)
+    freq = theta ** (2 * i / d)
+    np.testing.assert_allclose(inv_freq, ramp / (32 * freq) + (1 - ramp) / freq, rtol=1e-12)
+    assert scale == pytest.approx(0.1 * np.log(32) + 1)
+    cos, sin = attention.rope_cos_sin(config, jnp.arange(3)[None])
+    np.testing.assert_allclose(np.asarray(cos[0, 0]), scale, rtol=1e-6)
