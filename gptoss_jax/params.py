@@ -43,8 +43,8 @@ def logical_axes(config: Config) -> Params:
 
     def axes(variable: nnx.Variable) -> tuple[str, ...]:
         names = tuple(variable.get_metadata()["axes"])
-        stacked = variable.value.ndim - len(names)
-        assert stacked in (0, 1), (names, variable.value.shape)
+        stacked = variable.get_value().ndim - len(names)
+        assert stacked in (0, 1), (names, variable.get_value().shape)
         return (LAYER_AXIS,) * stacked + names
 
     state = _abstract_state(config, jnp.float32)
@@ -63,9 +63,9 @@ def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16) -> Par
 
 
 def flatten(params: Params) -> dict[Path, Any]:
-    """{param path: leaf} for a params-shaped pytree."""
-    return {tuple(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    """{param path: leaf} for a params-shaped pytree (tuples, such as logical axes, are leaves)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
 def unflatten(flat: Mapping[Path, Any]) -> Params:
@@ -202,3 +202,15 @@ def params_to_hf(config: Config, params: Params) -> Iterator[tuple[str, np.ndarr
         if entry.layer_pair is not None:
             value = value[entry.layer_pair]
         yield name, entry.to_hf(np.asarray(value))
+
+
+def count_params(config: Config) -> dict[str, int]:
+    """Parameter counts from the declared shapes (`jax.eval_shape`, nothing allocated): `total`, and
+    `active` per token: all but the experts a token does not use and the embedding table (a lookup)."""
+    shapes, axes = flatten(abstract_params(config)), flatten(logical_axes(config))
+    total = sum(int(np.prod(s.shape)) for s in shapes.values())
+    per_expert = [p for p, names in axes.items()  # [experts, ...] weights; not the router's [experts] bias
+                  if names[names[0] == LAYER_AXIS:][:1] == ("experts",) and len(names) > 2]
+    expert = sum(int(np.prod(shapes[p].shape)) for p in per_expert)
+    unused_experts = expert * (config.num_experts - config.experts_per_token) // config.num_experts
+    return {"total": total, "active": total - unused_experts - int(np.prod(shapes[("embed",)].shape))}

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning (installed as `gptoss_jax.train`): adapters, the sharded train step, the finetune loop."""
