@@ -7,7 +7,9 @@
 """
 
 from gptoss_jax.config import Config, load_config
+from gptoss_jax.generate import generate, stream_generate
 from gptoss_jax.model import forward
 from gptoss_jax.params import abstract_params, init_params, logical_axes
 
-__all__ = ["Config", "abstract_params", "forward", "init_params", "load_config", "logical_axes"]
+__all__ = ["Config", "abstract_params", "forward", "generate", "init_params", "load_config", "logical_axes",
+           "stream_generate"]

@@ -17,11 +17,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import attention, moe
+from gptoss_jax import attention, cache, moe
 from gptoss_jax.config import Config
 
 Params = dict[str, Any]
 """A plain nested dict of arrays: the model's weights (see `params.py` for their paths)."""
+KV = dict[str, jax.Array]
+"""One layer's cached keys and values: {"k", "v"} [b, s, kv_heads, head_dim]."""
+CacheView = tuple[jax.Array, jax.Array]
+"""What a layer needs to know of its cache's slots: (slot positions [b, s], write slots [b, t])."""
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -33,6 +37,16 @@ def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype
     """Declares one weight: random normal init with std `std` or `fan_in ** -0.5`."""
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(_normal(rngs, shape, std if std is not None else fan_in ** -0.5, dtype), axes=axes)
+
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding hint by logical axis names: a no-op unless a `gptoss_jax.sharding` mesh is
+    set with `jax.set_mesh` (that package owns the map from logical names to mesh axes)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    from gptoss_jax.sharding import rules  # deferred: gptoss_jax.sharding imports this module
+
+    return rules.constrain(x, axes)
 
 
 def _project(spec: str, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -71,16 +85,31 @@ class Attention(nnx.Module):
         self.sinks = _weight(rngs, (n,), ("q_heads",), dtype, std=1.0)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 window: int | None) -> jax.Array:
-        """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d]."""
+                 window: int | None, kv: KV | None = None, view: CacheView | None = None
+                 ) -> tuple[jax.Array, KV | None]:
+        """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d].
+
+        With a cache: `kv` holds this layer's cached {"k", "v"} [b, s, kv_heads, h] and `view` the
+        slots' positions [b, s] and where the new tokens go [b, t]; the new tokens attend to the
+        cached ones and to each other, and the updated `kv` is returned.
+        """
         dtype = self.q.dtype
         x = x.astype(dtype)
         q = _project("btd,dnh->btnh", x, self.q[...], self.q_bias[...])
         k = _project("btd,dkh->btkh", x, self.k[...], self.k_bias[...])
         v = _project("btd,dkh->btkh", x, self.v[...], self.v_bias[...])
         q, k = attention.apply_rope(q, *rope).astype(dtype), attention.apply_rope(k, *rope).astype(dtype)
-        out = attention.attend(q, k, v.astype(dtype), self.sinks[...], positions, positions, window)
-        return _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...])
+        v = v.astype(dtype)
+        if kv is None:
+            out = attention.attend(q, k, v, self.sinks[...], positions, positions, window)
+        else:
+            slot_positions, slots = view
+            keys = jnp.concatenate([kv["k"].astype(dtype), k], axis=1)
+            values = jnp.concatenate([kv["v"].astype(dtype), v], axis=1)
+            key_positions = jnp.concatenate([slot_positions, positions], axis=1)
+            out = attention.attend(q, keys, values, self.sinks[...], positions, key_positions, window)
+            kv = {"k": cache.scatter(kv["k"], slots, k), "v": cache.scatter(kv["v"], slots, v)}
+        return _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...]), kv
 
 
 class MoE(nnx.Module):
@@ -116,9 +145,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs)
         self.mlp = MoE(config, dtype, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, rope, self.window)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 kv: KV | None = None, view: CacheView | None = None) -> tuple[jax.Array, KV | None]:
+        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class LayerPair(nnx.Module):
@@ -128,12 +159,15 @@ class LayerPair(nnx.Module):
         self.sliding = Block(config, dtype, rngs, window=config.sliding_window)
         self.full = Block(config, dtype, rngs, window=None)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]
-                 ) -> tuple[jax.Array, jax.Array]:
-        """Returns the output and both layers' outputs [2, b, t, d]."""
-        after_sliding = self.sliding(x, positions, rope)
-        after_full = self.full(after_sliding, positions, rope)
-        return after_full, jnp.stack([after_sliding, after_full])
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None
+                 ) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
+        """Returns the output, both layers' outputs [2, b, t, d], and the pair's updated cache."""
+        kv, views = kv or {}, views or {}
+        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"))
+        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"))
+        new_kv = {"sliding": sliding_kv, "full": full_kv} if kv else None
+        return after_full, jnp.stack([after_sliding, after_full]), new_kv
 
 
 class Transformer(nnx.Module):
@@ -153,24 +187,42 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(config, rngs)
         self.unembed = _weight(rngs, (v, d), ("vocab", "embed"), dtype, fan_in=d)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-        """tokens int32 [b, t] -> (logits float32 [b, t, v], hidden states after each layer [L, b, t, d])."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, kv_cache: cache.Cache | None = None
+                 ) -> tuple[jax.Array, jax.Array, cache.Cache | None]:
+        """tokens int32 [b, t] -> (final normed hidden float32 [b, t, d], each layer's output
+        [layers, b, t, d], updated cache or None). `logits` maps the first to the vocabulary."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32
+        x = _constrain(x, ("batch", "seq", "act_embed"))
         rope = attention.rope_cos_sin(self.config, positions)
         pair_graph, pair_params = nnx.split(self.layers)
+        views, kv, new_positions = {}, None, {}
+        if kv_cache is not None:
+            kv = {kind: {"k": kv_cache[kind]["k"], "v": kv_cache[kind]["v"]} for kind in cache.KINDS}
+            for kind in cache.KINDS:
+                slot_positions = kv_cache[kind]["positions"]
+                slots = cache.write_slots(slot_positions, positions, ring=kind == "sliding")
+                views[kind] = (slot_positions, slots)
+                new_positions[kind] = cache.scatter(slot_positions, slots, positions)
 
-        def one_pair(x: jax.Array, params: Any) -> tuple[jax.Array, jax.Array]:
-            return nnx.merge(pair_graph, params)(x, positions, rope)
+        def one_pair(x: jax.Array, params_and_kv: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            params, pair_kv = params_and_kv
+            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views)
+            return x, (hidden, pair_kv)
 
-        x, hidden = jax.lax.scan(one_pair, x, pair_params)
+        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_params, kv))
         hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
-        logits = jnp.einsum("btd,vd->btv", self.norm(x).astype(self.unembed.dtype), self.unembed[...],
-                            preferred_element_type=jnp.float32)
-        return logits, hidden
+        new_cache = None
+        if kv_cache is not None:
+            new_cache = {kind: {**kv[kind], "positions": new_positions[kind]} for kind in cache.KINDS}
+        return self.norm(x), hidden, new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final normed hidden [..., d] -> float32 logits [..., vocab]."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.unembed.dtype), self.unembed[...],
+                          preferred_element_type=jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,5 +244,7 @@ def forward(config: Config, params: Params, tokens: jax.Array, positions: jax.Ar
     `positions` [b, t] defaults to 0..t-1 per row; a negative position marks a padding token, which
     no other token attends to. With `return_hidden`, also returns each layer's output [layers, b, t, d].
     """
-    logits, hidden = build(config, params)(tokens, positions)
+    model = build(config, params)
+    x, hidden, _ = model(tokens, positions)
+    logits = model.logits(x)
     return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,72 @@
+"""The KV cache: an explicit pytree, passed into and returned from every jitted step.
+
+    {"sliding": {"k", "v": [pairs, b, window, kv_heads, head_dim], "positions": int32 [b, window]},
+     "full":    {"k", "v": [pairs, b, max_len, kv_heads, head_dim], "positions": int32 [b, max_len]}}
+
+Sliding-window layers keep a ring buffer of `sliding_window` slots (position p lives in slot
+p % window), so their memory does not grow with the context; full-attention layers keep one slot
+per position. `positions` says which token position each slot holds (-1: empty); every layer of a
+kind writes the same slots, so it is stored once per kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.config import Config
+
+Cache = dict[str, Any]
+KINDS = ("sliding", "full")
+
+
+def cache_length(config: Config, kind: str, max_len: int) -> int:
+    """Slots per sequence for layers of `kind`."""
+    return min(config.sliding_window, max_len) if kind == "sliding" else max_len
+
+
+def init_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    def kind_cache(kind: str) -> dict[str, jax.Array]:
+        slots = cache_length(config, kind, max_len)
+        shape = (config.num_layer_pairs, batch, slots, config.num_kv_heads, config.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "positions": jnp.full((batch, slots), -1, jnp.int32)}
+
+    return {kind: kind_cache(kind) for kind in KINDS}
+
+
+def abstract_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> Cache:
+    """`init_cache`'s shapes as `jax.ShapeDtypeStruct`s (memory accounting, compile from shapes)."""
+    return jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype))
+
+
+def write_slots(slot_positions: jax.Array, positions: jax.Array, ring: bool) -> jax.Array:
+    """Slot index [b, t] where each new token is stored; out of range (dropped) for padding and,
+    in a ring, for tokens that a later token of the same chunk overwrites.
+
+    slot_positions [b, s] (current contents), positions [b, t] (negative: padding).
+    """
+    num_slots = slot_positions.shape[1]
+    valid = positions >= 0
+    if ring:
+        newest = jnp.max(positions, axis=1, keepdims=True)
+        valid &= positions > newest - num_slots
+        slots = positions % num_slots
+    else:
+        valid &= positions < num_slots
+        slots = positions
+    return jnp.where(valid, slots, num_slots)
+
+
+def scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """buffer [b, s, ...] with values [b, t, ...] written at slots [b, t] (out-of-range: dropped)."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+
+def used_bytes(cache: Cache) -> int:
+    """Bytes held by the cache's arrays."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

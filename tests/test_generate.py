@@ -1,0 +1,127 @@
+"""Decoding against the full forward pass and against transformers' greedy `generate`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close_to_reference
+
+import gptoss_jax
+from gptoss_jax import cache as kv_cache
+from gptoss_jax.generate import Sampling, _logits, extend, generate, stream_generate
+
+
+def test_cached_decode_equals_full_forward_at_every_step(golden):
+    """Chunked prefill (chunks shorter than the window), then one token at a time, across the
+    sliding window several times: every step's logits equal the full forward's at that position."""
+    config, tokens = golden.config, golden.outputs["tokens"]
+    params = golden.params(np.float32)
+    full = np.asarray(gptoss_jax.forward(config, params, tokens))
+    b, t = tokens.shape
+    assert t >= 3 * config.sliding_window
+    cache = kv_cache.init_cache(config, b, t, jnp.float32)
+    assert cache["sliding"]["k"].shape[2] == config.sliding_window  # ring buffer, not t
+    positions = np.arange(t, dtype=np.int32)[None].repeat(b, 0)
+    prompt = 7
+    for start in range(0, prompt, 3):  # prefill chunks of 3 (the last one partly padding)
+        stop = min(start + 3, prompt)
+        chunk = np.zeros((b, 3), np.int32)
+        chunk_positions = np.full((b, 3), -1, np.int32)
+        chunk[:, : stop - start] = tokens[:, start:stop]
+        chunk_positions[:, : stop - start] = positions[:, start:stop]
+        x, cache = extend(config, params, cache, jnp.asarray(chunk), jnp.asarray(chunk_positions))
+        assert_close_to_reference(_logits(config, params, x)[:, : stop - start], full[:, start:stop],
+                                  f"{golden.name} prefill chunk at {start}")
+    for step in range(prompt, t):
+        x, cache = extend(config, params, cache, jnp.asarray(tokens[:, step:step + 1]),
+                          jnp.asarray(positions[:, step:step + 1]))
+        assert_close_to_reference(_logits(config, params, x[:, 0]), full[:, step], f"{golden.name} decode step {step}")
+
+
+def test_greedy_generation_equals_transformers(golden):
+    ref = golden.outputs
+    assert ref["prompt"].shape[1] > golden.config.sliding_window and ref["greedy"].shape[1] >= 64
+    out = generate(golden.config, golden.params(np.float32), ref["prompt"].tolist(),
+                   max_new_tokens=ref["greedy"].shape[1], stop_tokens=[])
+    np.testing.assert_array_equal(np.array(out), ref["greedy"])
+    np.testing.assert_array_equal(ref["greedy"], ref["greedy_nocache"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = gptoss_jax.load_config("tiny-a")
+    return config, gptoss_jax.init_params(config, seed=3, dtype=jnp.float32)
+
+
+def test_prompts_of_different_lengths_equal_one_at_a_time(tiny):
+    config, params = tiny
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 31, 17)]
+    batched = generate(config, params, prompts, max_new_tokens=20, stop_tokens=[], prefill_chunk=8)
+    for prompt, row in zip(prompts, batched):
+        assert generate(config, params, [prompt], max_new_tokens=20, stop_tokens=[]) == [row]
+
+
+def test_each_row_stops_on_its_own_stop_token(tiny):
+    config, params = tiny
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    free = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[])
+    stop = free[0][4]
+    first = free[0].index(stop)
+    stopped = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[stop])
+    assert stopped[0] == free[0][: first + 1]
+    second = free[1].index(stop) + 1 if stop in free[1] else 12
+    assert stopped[1] == free[1][:second]
+
+
+def test_sampling_is_seeded_and_filters_work(tiny):
+    config, params = tiny
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    greedy = generate(config, params, prompts, 16, stop_tokens=[])
+    hot = dict(max_new_tokens=16, stop_tokens=[], temperature=1.5)
+    a = generate(config, params, prompts, seed=1, **hot)
+    assert a == generate(config, params, prompts, seed=1, **hot)
+    assert a != generate(config, params, prompts, seed=2, **hot)
+    assert a != greedy
+    for narrow in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999)):
+        assert generate(config, params, prompts, seed=4, **hot, **narrow) == greedy, narrow
+
+
+def test_sample_filters_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+
+    def drawn(**kw):
+        return set(np.asarray(jax.vmap(lambda k: gptoss_jax.generate.sample(logits, k, Sampling(1.0, **kw)))(keys)).ravel())
+
+    assert drawn(top_k=2) == {0, 1}
+    assert drawn(top_p=0.7) == {0, 1}      # 0.5 < 0.7, then 0.8 >= 0.7: two tokens
+    assert drawn(min_p=0.25) == {0, 1, 2}  # >= 0.25 * 0.5
+    assert drawn() == {0, 1, 2, 3}
+
+
+def test_streaming_equals_generate(tiny):
+    config, params = tiny
+    prompts = [[1, 2, 3, 4, 5, 6], [40, 41]]
+    kwargs = dict(max_new_tokens=10, temperature=0.8, top_k=20, seed=7, stop_tokens=[])
+    steps = list(stream_generate(config, params, prompts, **kwargs))
+    assert [[s[i] for s in steps] for i in range(2)] == generate(config, params, prompts, **kwargs)
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([], {}, "non-empty"),
+    ([[]], {}, "prompt 0 is empty"),
+    ([[1, 2], [3, 400]], {}, r"prompt 1: token id 400 at index 1 is outside the vocabulary \[0, 301\)"),
+    ([[-1]], {}, "outside the vocabulary"),
+    ([[1] * 500], {"max_new_tokens": 20}, "exceeds the context of 512"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([[1]], {"temperature": -1}, "temperature"),
+    ([[1]], {"top_p": 0}, "top_p"),
+    ([[1]], {"min_p": 1.0}, "min_p"),
+    ([[1]], {"top_k": -3}, "top_k"),
+    ([[1.5]], {}, "non-integer"),
+])
+def test_bad_requests_get_clear_errors(tiny, prompts, kwargs, message):
+    config, params = tiny
+    with pytest.raises(ValueError, match=message):
+        generate(config, params, prompts, **kwargs)
