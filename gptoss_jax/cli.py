@@ -136,6 +136,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Hugging Face / OpenAI safetensors (MXFP4 included) -> Orbax checkpoint, streamed and atomic."""
+    import jax.numpy as jnp
+
+    from gptoss_jax.checkpoint import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, dtype=jnp.dtype(args.dtype), force=args.force)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Orbax checkpoint -> Hugging Face safetensors + config.json (bf16, or MXFP4 experts)."""
+    from gptoss_jax.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.dst, args.out, mxfp4=args.mxfp4, force=args.force)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -177,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(chat)
     _add_sampling(chat)
     chat.set_defaults(run=cmd_chat)
+
+    convert = commands.add_parser("convert", help="convert HF / OpenAI safetensors to an Orbax checkpoint")
+    convert.add_argument("src", help="checkpoint directory (HF layout, or OpenAI original/), or a hub id when online")
+    convert.add_argument("dst", help="output directory (written atomically)")
+    convert.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser("export", help="export an Orbax checkpoint to HF safetensors")
+    export.add_argument("dst", help="Orbax checkpoint from `convert` (or a fine-tuned one)")
+    export.add_argument("out", help="output directory (written atomically)")
+    export.add_argument("--mxfp4", action="store_true", help="re-quantize the experts to MXFP4, as released")
+    export.add_argument("--force", action="store_true", help="replace an existing OUT")
+    export.set_defaults(run=cmd_export)
     return parser
 
 
@@ -184,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"gptoss-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -54,6 +54,14 @@ def _project(spec: str, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
 
 
+EXPERT_MATRICES = ("gate_up", "down")
+"""Weights that a scan over layers passes whole, with the layer index (see `moe.expert_matmul`)."""
+
+
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm in float32 with a float32 scale (as transformers keeps it), output in the input dtype."""
 
@@ -118,21 +126,22 @@ class MoE(nnx.Module):
     def __init__(self, config: Config, dtype: Any, rngs: nnx.Rngs):
         d, e, i = config.hidden, config.num_experts, config.intermediate
         self.config = config
-        self.router = _weight(rngs, (d, e), ("embed", "experts"), dtype, fan_in=d)
-        self.router_bias = _weight(rngs, (e,), ("experts",), dtype, std=0.02)
+        self.router = _weight(rngs, (d, e), ("embed", "router_experts"), dtype, fan_in=d)
+        self.router_bias = _weight(rngs, (e,), ("router_experts",), dtype, std=0.02)
         # gate_up columns interleave gate (even) and up (odd), as in the released checkpoints.
         self.gate_up = _weight(rngs, (e, d, 2 * i), ("experts", "embed", "expert_mlp"), dtype, fan_in=d)
         self.gate_up_bias = _weight(rngs, (e, 2 * i), ("experts", "expert_mlp"), dtype, std=0.02)
         self.down = _weight(rngs, (e, i, d), ("experts", "expert_mlp", "embed"), dtype, fan_in=i)
         self.down_bias = _weight(rngs, (e, d), ("experts", "embed"), dtype, std=0.02)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [b, t, d] -> [b, t, d]."""
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """x [b, t, d] -> [b, t, d]. With `layer`, `gate_up` and `down` hold every layer's experts
+        ([layers, e, ...], read in place) and `layer` says which to use."""
         expert_ids, expert_weights = moe.route(x, self.router[...].astype(jnp.float32), self.router_bias[...],
                                                self.config.experts_per_token)
         return moe.experts(x.astype(self.gate_up.dtype), expert_ids, expert_weights, self.gate_up[...], self.gate_up_bias[...],
                            self.down[...], self.down_bias[...], alpha=self.config.swiglu_alpha,
-                           limit=self.config.swiglu_limit)
+                           limit=self.config.swiglu_limit, layer=layer)
 
 
 class Block(nnx.Module):
@@ -146,10 +155,11 @@ class Block(nnx.Module):
         self.mlp = MoE(config, dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: KV | None = None, view: CacheView | None = None) -> tuple[jax.Array, KV | None]:
+                 kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None
+                 ) -> tuple[jax.Array, KV | None]:
         attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + self.mlp(self.mlp_norm(x), layer), kv
 
 
 class LayerPair(nnx.Module):
@@ -160,12 +170,12 @@ class LayerPair(nnx.Module):
         self.full = Block(config, dtype, rngs, window=None)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None
-                 ) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
+                 kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
         """Returns the output, both layers' outputs [2, b, t, d], and the pair's updated cache."""
         kv, views = kv or {}, views or {}
-        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"))
-        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"))
+        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"), layer)
+        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"), layer)
         new_kv = {"sliding": sliding_kv, "full": full_kv} if kv else None
         return after_full, jnp.stack([after_sliding, after_full]), new_kv
 
@@ -194,7 +204,8 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32
+        table = _constrain(self.embed[...], ("vocab", "act_embed"))  # whole rows (FSDP gathers them)
+        x = table[tokens].astype(jnp.float32)  # the residual stream is float32
         x = _constrain(x, ("batch", "seq", "act_embed"))
         rope = attention.rope_cos_sin(self.config, positions)
         pair_graph, pair_params = nnx.split(self.layers)
@@ -207,12 +218,18 @@ class Transformer(nnx.Module):
                 views[kind] = (slot_positions, slots)
                 new_positions[kind] = cache.scatter(slot_positions, slots, positions)
 
-        def one_pair(x: jax.Array, params_and_kv: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            params, pair_kv = params_and_kv
-            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views)
+        def one_pair(x: jax.Array, index_and_kv: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            # Expert matrices stay stacked and are indexed by layer inside the expert matmul: XLA
+            # copies any slice taken here, and those copies would cost more than the matmuls.
+            index, pair_kv = index_and_kv
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, w: w if _key_name(path[-2]) in EXPERT_MATRICES else
+                jax.lax.dynamic_index_in_dim(w, index, keepdims=False), pair_params)
+            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index)
             return x, (hidden, pair_kv)
 
-        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_params, kv))
+        pair_index = jnp.arange(self.config.num_layer_pairs)
+        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_index, kv))
         hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
         new_cache = None
         if kv_cache is not None:

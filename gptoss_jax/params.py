@@ -51,15 +51,23 @@ def logical_axes(config: Config) -> Params:
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
-def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16) -> Params:
+def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16, mesh: jax.sharding.Mesh | None = None
+                ) -> Params:
     """Random weights for `config` (normal, fan-in scaled; biases and sinks nonzero). Norm scales
-    stay float32 whatever `dtype`, as in the released checkpoints' transformers model."""
+    stay float32 whatever `dtype`, as in the released checkpoints' transformers model.
 
-    @jax.jit
+    With `mesh` (from `gptoss_jax.sharding.make_mesh`), each weight is created directly in its
+    shards (`gptoss_jax.sharding.param_shardings`); the values do not depend on the mesh.
+    """
+
     def make() -> Params:
         return nnx.to_pure_dict(nnx.state(Transformer(config, dtype, nnx.Rngs(seed))))
 
-    return make()
+    if mesh is None:
+        return jax.jit(make)()
+    from gptoss_jax.sharding import param_shardings  # deferred: gptoss_jax.sharding imports this module
+
+    return jax.jit(make, out_shardings=param_shardings(config, mesh))()
 
 
 def flatten(params: Params) -> dict[Path, Any]:

@@ -96,4 +96,4 @@ def test_missing_key_and_bad_json_and_unknown_name(tmp_path, capsys):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_config(tmp_path / "b.json")
     assert cli.main(["info", "gpt-oss-7b"]) == 2
-    assert "built-in: gpt-oss-120b, gpt-oss-20b" in capsys.readouterr().err
+    assert "gpt-oss-120b, gpt-oss-20b" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from conftest import assert_close_to_reference
 
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
-from gptoss_jax.generate import Sampling, _logits, extend, generate, stream_generate
+from gptoss_jax.generate import Sampling, _logits, extend, generate, sample, stream_generate
 
 
 def test_cached_decode_equals_full_forward_at_every_step(golden):
@@ -92,7 +92,7 @@ def test_sample_filters_keep_the_right_tokens():
     keys = jax.random.split(jax.random.key(0), 400)
 
     def drawn(**kw):
-        return set(np.asarray(jax.vmap(lambda k: gptoss_jax.generate.sample(logits, k, Sampling(1.0, **kw)))(keys)).ravel())
+        return set(np.asarray(jax.vmap(lambda k: sample(logits, k, Sampling(1.0, **kw)))(keys)).ravel())
 
     assert drawn(top_k=2) == {0, 1}
     assert drawn(top_p=0.7) == {0, 1}      # 0.5 < 0.7, then 0.8 >= 0.7: two tokens

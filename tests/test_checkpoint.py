@@ -1,0 +1,417 @@
+"""Checkpoints: convert (HF dense / HF MXFP4 / OpenAI original -> Orbax), load_model, export, bad input.
+
+References: tiny-a (saved by transformers' save_pretrained, dense, float32) and tiny-mxfp4 (released
+MXFP4 layout, sharded, bfloat16 + uint8), each with transformers' logits in golden.npz.
+"""
+
+import dataclasses
+import errno
+import json
+import shutil
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import FIXTURES, assert_close_to_reference
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import gptoss_jax
+from gptoss_jax import checkpoint as ck
+from gptoss_jax.mxfp4 import dequantize
+from gptoss_jax.params import abstract_params, flatten, params_from_hf
+
+TINY_A = FIXTURES / "tiny-a"
+TINY_M = FIXTURES / "tiny-mxfp4"
+EXPERT_HF = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """converted(source dir, dtype) -> DST, converted once per module."""
+    cache = {}
+
+    def get(src, dtype=np.float32):
+        key = (src.name, np.dtype(dtype).name)
+        if key not in cache:
+            cache[key] = ck.convert_checkpoint(src, tmp_path_factory.mktemp("converted") / "-".join(key),
+                                               dtype=dtype, progress=False)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def run_forward():
+    """jitted forward per config (compiled once per module)."""
+    compiled = {}
+
+    def run(config, params, tokens):
+        if config.name not in compiled:
+            compiled[config.name] = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
+        return np.asarray(compiled[config.name](params, tokens))
+
+    return run
+
+
+def reference_params(directory, dtype=np.float32):
+    """Params from a fixture's tensors, in memory, independently of checkpoint.py's reader: MXFP4
+    experts dequantized and transposed to the dense [E, in, out] here."""
+    config = gptoss_jax.load_config(directory.name)
+    tensors = ck.load_safetensors(directory)
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        dense = name[: -len("_blocks")]
+        values = dequantize(tensors.pop(name), tensors.pop(f"{dense}_scales"), np.float32)  # [E, out, in]
+        tensors[dense] = values.transpose(0, 2, 1)
+    return params_from_hf(config, {n: np.asarray(t, np.float32) for n, t in tensors.items()}, dtype)
+
+
+def assert_params_equal(actual, expected):
+    actual, expected = flatten(actual), flatten(expected)
+    assert actual.keys() == expected.keys()
+    for path, value in expected.items():
+        assert actual[path].dtype == value.dtype, path
+        np.testing.assert_array_equal(np.asarray(actual[path]), np.asarray(value), err_msg=str(path))
+
+
+def leftovers(directory, keep=()):
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep)
+
+
+# --------------------------------------------------------------------------------------------
+# convert + load
+
+
+@pytest.mark.parametrize("fixture", [TINY_A, TINY_M], ids=["dense", "mxfp4"])
+def test_convert_load_matches_reference_logits(fixture, converted, run_forward):
+    """float32 conversion: params bit-equal to the in-memory reference; logits within the project bound
+    of transformers' (tiny-mxfp4: transformers dequantizing the MXFP4 checkpoint itself)."""
+    dst = converted(fixture)
+    config, params = ck.load_model(dst)
+    assert config.to_hf_dict() == gptoss_jax.load_config(fixture).to_hf_dict()
+    assert_params_equal(params, reference_params(fixture))
+    golden = np.load(fixture / "golden.npz")
+    assert golden["tokens"].shape[0] >= 2 and golden["tokens"].shape[1] >= 2.5 * config.sliding_window
+    assert_close_to_reference(run_forward(config, params, golden["tokens"]), golden["logits"], f"{fixture.name} logits")
+
+
+def test_converted_checkpoint_is_plain_orbax(converted):
+    """DST = config.json (HF keys + dtype) + params/, which plain Orbax restores; bfloat16 storage keeps
+    norm scales in float32; load_model(dtype=...) casts on restore."""
+    dst = converted(TINY_M, jnp.bfloat16)
+    raw = json.loads((dst / "config.json").read_text())
+    config = gptoss_jax.load_config(dst)
+    assert raw == {**config.to_hf_dict(), "dtype": "bfloat16"}
+    abstract = abstract_params(config, jnp.bfloat16)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(dst / "params", abstract)
+    assert restored["layers"]["full"]["attn_norm"]["scale"].dtype == jnp.float32
+    assert restored["layers"]["full"]["mlp"]["gate_up"].dtype == jnp.bfloat16
+    _, params = ck.load_model(dst)
+    assert_params_equal(params, restored)
+    _, as_float = ck.load_model(dst, dtype=jnp.float32)
+    assert_params_equal(as_float, reference_params(TINY_M))  # the fixture's values are exact in bfloat16
+    assert flatten(as_float)[("embed",)].dtype == jnp.float32
+
+
+def mesh_shardings(abstract, mesh):
+    """'a' (2) on the first axis it divides, 'b' (4) on the next one."""
+
+    def sharding(leaf):
+        axes, free = [None] * leaf.ndim, {"a": 2, "b": 4}
+        for i, size in enumerate(leaf.shape):
+            name = next((n for n, k in free.items() if size % k == 0), None)
+            if name:
+                axes[i] = name
+                del free[name]
+        return NamedSharding(mesh, P(*axes))
+
+    return jax.tree.map(sharding, abstract)
+
+
+@pytest.mark.parametrize("source", ["converted", "huggingface"])
+def test_load_model_into_mesh_shardings(source, converted):
+    """Restores straight into NamedShardings on a 2 x 4 mesh, from Orbax or from the HF files directly."""
+    config = gptoss_jax.load_config("tiny-mxfp4")
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    shardings = mesh_shardings(abstract_params(config, jnp.float32), mesh)
+    path = converted(TINY_M) if source == "converted" else TINY_M
+    _, params = ck.load_model(path, dtype=jnp.float32, shardings=shardings)
+    for leaf_path, leaf in flatten(params).items():
+        assert leaf.sharding == flatten(shardings)[leaf_path], leaf_path
+    gate_up = params["layers"]["sliding"]["mlp"]["gate_up"]
+    assert gate_up.sharding.spec == P("a", None, "b", None) and len(gate_up.addressable_shards) == 8
+    assert_params_equal(params, reference_params(TINY_M))
+
+
+def test_load_model_with_mesh_asks_the_sharding_rules(converted, monkeypatch):
+    """mesh= goes through gptoss_jax.sharding.param_shardings(config, mesh) (imported lazily)."""
+    calls = []
+
+    def param_shardings(config, mesh):
+        calls.append((config.name, mesh.shape))
+        return mesh_shardings(abstract_params(config), mesh)
+
+    fake = types.ModuleType("gptoss_jax.sharding")
+    fake.param_shardings = param_shardings
+    monkeypatch.setitem(sys.modules, "gptoss_jax.sharding", fake)
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    config, params = ck.load_model(converted(TINY_M, jnp.bfloat16), mesh=mesh)
+    assert calls == [(config.name, mesh.shape)]
+    assert params["embed"].sharding.mesh.shape == mesh.shape
+
+
+def test_load_model_reads_huggingface_directory_directly(converted):
+    config, params = ck.load_model(TINY_A)  # default dtype for HF sources: bfloat16
+    assert config == gptoss_jax.load_config(TINY_A)
+    assert params["embed"].dtype == jnp.bfloat16 and params["norm"]["scale"].dtype == jnp.float32
+    assert_params_equal(params, reference_params(TINY_A, jnp.bfloat16))
+
+
+def openai_original(tensors, config):
+    """The tiny-mxfp4 tensors renamed and fused as in OpenAI's original/ checkpoints."""
+    out = {"embedding.weight": tensors["model.embed_tokens.weight"], "norm.scale": tensors["model.norm.weight"],
+           "unembedding.weight": tensors["lm_head.weight"]}
+    renames = {"input_layernorm.weight": "attn.norm.scale", "post_attention_layernorm.weight": "mlp.norm.scale",
+               "self_attn.o_proj.weight": "attn.out.weight", "self_attn.o_proj.bias": "attn.out.bias",
+               "self_attn.sinks": "attn.sinks", "mlp.router.weight": "mlp.gate.weight",
+               "mlp.router.bias": "mlp.gate.bias", "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
+               "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
+               "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
+               "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
+               "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales", "mlp.experts.down_proj_bias": "mlp.mlp2_bias"}
+    for layer in range(config.num_layers):
+        hf = f"model.layers.{layer}."
+        for old, new in renames.items():
+            out[f"block.{layer}.{new}"] = tensors[hf + old]
+        for kind in ("weight", "bias"):
+            out[f"block.{layer}.attn.qkv.{kind}"] = np.concatenate(
+                [tensors[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    return out
+
+
+def test_openai_original_layout_and_preference_for_hf_files(tmp_path, converted):
+    config = gptoss_jax.load_config("tiny-mxfp4")
+    original = tmp_path / "release" / "original"
+    original.mkdir(parents=True)
+    ck.save_safetensors(original / "model.safetensors", openai_original(ck.load_safetensors(TINY_M), config))
+    openai_config = {"num_hidden_layers": 4, "num_experts": 5, "experts_per_token": 2, "vocab_size": 307,
+                     "hidden_size": 96, "intermediate_size": 64, "swiglu_limit": 7.0, "head_dim": 10,
+                     "num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": 8,
+                     "initial_context_length": 64, "rope_theta": 150000, "rope_scaling_factor": 32.0,
+                     "rope_ntk_alpha": 1, "rope_ntk_beta": 32}
+    (original / "config.json").write_text(json.dumps(openai_config))
+    # Only original/ (as in a download of original/ alone): read from there.
+    dst = ck.convert_checkpoint(tmp_path / "release", tmp_path / "from-original", progress=False, dtype=np.float32)
+    loaded_config, params = ck.load_model(dst)
+    # OpenAI's config has no token ids nor max positions: those are the released model's defaults.
+    assert dataclasses.replace(loaded_config, name=config.name, eos_token_id=config.eos_token_id,
+                               pad_token_id=config.pad_token_id, max_positions=config.max_positions) == config
+    assert_params_equal(params, reference_params(TINY_M))
+    # HF files beside original/: the HF files win (a broken original/ is never read).
+    release = tmp_path / "release"
+    for f in TINY_M.iterdir():
+        shutil.copy(f, release / f.name)
+    (original / "model.safetensors").write_bytes(b"garbage")
+    _, params = ck.load_model(release, dtype=np.float32)
+    assert_params_equal(params, reference_params(TINY_M))
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_round_trip_is_identical_in_bfloat16(tmp_path, converted):
+    """HF -> Orbax -> HF (bfloat16, sharded with an index) gives the original tensors cast to bfloat16,
+    and converting the export again gives the same params (norm scales, float32 in params, rounded)."""
+    dst = converted(TINY_A, jnp.bfloat16)
+    out = ck.export_checkpoint(dst, tmp_path / "exported", max_shard_bytes=300_000, progress=False)
+    index = json.loads((out / ck.INDEX_FILE).read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_A)
+    assert exported.keys() == original.keys()
+    for name, value in original.items():
+        assert exported[name].dtype == ml_dtypes.bfloat16, name
+        np.testing.assert_array_equal(exported[name], value.astype(ml_dtypes.bfloat16), err_msg=name)
+    assert gptoss_jax.load_config(out).to_hf_dict() == gptoss_jax.load_config(TINY_A).to_hf_dict()
+    again = ck.convert_checkpoint(out, tmp_path / "again", progress=False)
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), ck.load_model(dst)[1])  # norm scales
+    assert_params_equal(ck.load_model(again)[1], rounded)
+
+
+def test_export_mxfp4_requantizes_experts(tmp_path, converted):
+    """--mxfp4: experts as *_blocks/*_scales decoding to the same values, the rest bfloat16 as released,
+    quantization_config in config.json; the export converts back to the same params."""
+    dst = converted(TINY_M, jnp.float32)
+    out = ck.export_checkpoint(dst, tmp_path / "exported", mxfp4=True, progress=False)
+    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_M)
+    assert exported.keys() == original.keys()
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype, name
+        if name.endswith("_blocks"):
+            scales = name[: -len("_blocks")] + "_scales"
+            np.testing.assert_array_equal(dequantize(exported[name], exported[scales], np.float32),
+                                          dequantize(value, original[scales], np.float32), err_msg=name)
+        elif not name.endswith("_scales"):
+            np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    again = ck.convert_checkpoint(out, tmp_path / "again", dtype=np.float32, progress=False)
+    assert_params_equal(ck.load_model(again)[1], reference_params(TINY_M))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fixture", [TINY_A, TINY_M], ids=["float32", "mxfp4"])
+def test_transformers_loads_the_export(fixture, tmp_path, converted):
+    """transformers' GptOssForCausalLM loads the exported directory and reproduces the golden logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    quantized = fixture == TINY_M
+    out = ck.export_checkpoint(converted(fixture), tmp_path / "exported", mxfp4=quantized,
+                               dtype=jnp.bfloat16 if quantized else jnp.float32, progress=False)
+    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if quantized else {}
+    model = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
+                                                           **extra).eval()
+    golden = np.load(fixture / "golden.npz")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(golden["tokens"]).long()).logits.numpy()
+    assert_close_to_reference(logits, golden["logits"], f"transformers on exported {fixture.name}")
+
+
+# --------------------------------------------------------------------------------------------
+# atomicity and bad input
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path, converted):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "precious").write_text("keep")
+    with pytest.raises(FileExistsError, match="force"):
+        ck.convert_checkpoint(TINY_A, dst, progress=False)
+    with pytest.raises(FileExistsError, match="force"):
+        ck.export_checkpoint(converted(TINY_A), dst, progress=False)
+    assert leftovers(dst) == ["precious"]
+    ck.convert_checkpoint(TINY_A, dst, force=True, progress=False)
+    assert leftovers(dst) == ["config.json", "params"] and leftovers(tmp_path) == ["dst"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "existing-dst"])
+def test_full_disk_leaves_nothing_behind(existing, tmp_path, monkeypatch, converted):
+    """A write failing with ENOSPC mid-conversion: a clear error, no DST and no temporary files, and
+    an existing DST (replaced with force) left exactly as it was."""
+    dst = tmp_path / "dst"
+    if existing:
+        shutil.copytree(converted(TINY_A), dst)
+    before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} if existing else None
+    calls = []
+    real_write = ck._write_chunk
+
+    def write_until_full(store, box, value):
+        calls.append(box)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(store, box, value)
+
+    monkeypatch.setattr(ck, "_write_chunk", write_until_full)
+    with pytest.raises(ck.CheckpointError, match="no space left on device") as failure:
+        ck.convert_checkpoint(TINY_A, dst, force=True, progress=False)
+    assert str(dst) in str(failure.value)
+    assert leftovers(tmp_path) == (["dst"] if existing else [])
+    if existing:
+        assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+
+
+def copy_fixture(fixture, tmp_path):
+    copy = tmp_path / fixture.name
+    shutil.copytree(fixture, copy)
+    return copy
+
+
+def edit_tensors(directory, edit, file="model.safetensors"):
+    """Edits the tensors of one file in place (and the index, when there is one, to match)."""
+    tensors = ck.load_safetensors(directory / file)
+    edit(tensors)
+    ck.save_safetensors(directory / file, tensors)
+    index_path = directory / ck.INDEX_FILE
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != file} | dict.fromkeys(tensors, file)
+        index_path.write_text(json.dumps(index))
+
+
+def edit_config(directory, edit):
+    raw = json.loads((directory / "config.json").read_text())
+    edit(raw)
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
+def truncate(path, nbytes):
+    data = path.read_bytes()
+    path.write_bytes(data[:-nbytes])
+
+
+BAD_SOURCES = {
+    "missing tensor": (TINY_A, lambda d: edit_tensors(d, lambda t: t.pop("model.layers.3.self_attn.sinks")),
+                       r"missing tensor 'model\.layers\.3\.self_attn\.sinks'"),
+    "unexpected tensor": (TINY_A, lambda d: edit_tensors(d, lambda t: t.update(
+        {"model.layers.4.self_attn.sinks": np.zeros(6, np.float32)})),
+        r"model\.safetensors: unexpected tensor 'model\.layers\.4\.self_attn\.sinks'"),
+    "wrong shape": (TINY_A, lambda d: edit_tensors(d, lambda t: t.update(
+        {"model.layers.1.self_attn.k_proj.weight": np.zeros((30, 72), np.float32)})),
+        r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' has shape \[30, 72\], "
+        r"but config .* needs \[20, 72\]"),
+    "wrong dtype": (TINY_A, lambda d: edit_tensors(d, lambda t: t.update(
+        {"lm_head.weight": t["lm_head.weight"].astype(np.int32)})),
+        r"tensor 'lm_head\.weight' has dtype I32, expected a float dtype"),
+    "mxfp4 scales not uint8": (TINY_M, lambda d: edit_tensors(d, lambda t: t.update(
+        {"model.layers.3.mlp.experts.down_proj_scales":
+         t["model.layers.3.mlp.experts.down_proj_scales"].astype(np.float32)}), "model-00002-of-00002.safetensors"),
+        r"model-00002-of-00002\.safetensors: tensor 'model\.layers\.3\.mlp\.experts\.down_proj_scales' "
+        r"has dtype F32, expected U8"),
+    "dense and mxfp4 mixed": (TINY_M, lambda d: edit_tensors(d, lambda t: t.update(
+        {"model.layers.3.mlp.experts.down_proj": np.zeros((5, 64, 96), np.float32)}),
+        "model-00002-of-00002.safetensors"), r"unexpected tensor 'model\.layers\.3\.mlp\.experts\.down_proj'"),
+    "truncated file": (TINY_A, lambda d: truncate(d / "model.safetensors", 1000),
+                       r"model\.safetensors: truncated: tensor '.*' ends at byte"),
+    "corrupt header": (TINY_A, lambda d: (d / "model.safetensors").write_bytes(
+        (200).to_bytes(8, "little") + b"{not json" + bytes(300)), r"model\.safetensors: corrupt safetensors header"),
+    "shard missing": (TINY_M, lambda d: (d / "model-00002-of-00002.safetensors").unlink(),
+                      r"index\.json: lists file 'model-00002-of-00002\.safetensors', which does not exist"),
+    "not gpt-oss": (TINY_A, lambda d: edit_config(d, lambda c: c.update(model_type="llama")),
+                    r"config\.json: not a gpt-oss config \(model_type='llama'"),
+    "config not json": (TINY_A, lambda d: (d / "config.json").write_text("{oops"), r"config\.json: not valid JSON"),
+    "config disagrees": (TINY_A, lambda d: edit_config(d, lambda c: c.update(num_local_experts=8)),
+                         r"has shape \[7, .*\], but config .* needs \[8, "),
+    "no weights": (TINY_A, lambda d: (d / "model.safetensors").unlink(), r"no \*\.safetensors files"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES, ids=list(BAD_SOURCES))
+def test_bad_source_is_refused_clearly(case, tmp_path):
+    fixture, damage, message = BAD_SOURCES[case]
+    source = copy_fixture(fixture, tmp_path / "src")
+    damage(source)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.convert_checkpoint(source, tmp_path / "dst", progress=False)
+    assert leftovers(tmp_path) == ["src"]
+
+
+def test_missing_directory_and_offline_hub(tmp_path, monkeypatch):
+    with pytest.raises(ck.CheckpointError, match="no such directory"):
+        ck.convert_checkpoint(tmp_path / "absent" / "dir" / "x", tmp_path / "dst", progress=False)
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, **kwargs):
+        raise ConnectionError(f"cannot reach the Hub for {repo_id}")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ck.CheckpointError, match=r"openai/gpt-oss-20b: no such directory, and downloading it .* "
+                                                 r"failed \(ConnectionError"):
+        ck.convert_checkpoint("openai/gpt-oss-20b", tmp_path / "dst", progress=False)
+    assert leftovers(tmp_path) == []
