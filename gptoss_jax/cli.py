@@ -31,7 +31,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(config, params) for MODEL: an Orbax checkpoint from `convert`, or a Hugging Face directory."""
+    """(config, params) for MODEL: an Orbax checkpoint from `convert`, a Hugging Face directory, or
+    `random:CONFIG` (random weights for a built-in config, to try the whole path without weights)."""
     from gptoss_jax.checkpoint import load_model
 
     mesh = None
@@ -39,6 +40,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         from gptoss_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
+    if args.model.startswith("random:"):
+        import jax.numpy as jnp
+
+        from gptoss_jax.config import load_config
+        from gptoss_jax.params import init_params
+
+        config = load_config(args.model.removeprefix("random:"))
+        return config, init_params(config, seed=args.seed, dtype=jnp.float32, mesh=mesh)
     return load_model(args.model, mesh=mesh)
 
 
@@ -170,7 +179,8 @@ def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int = 256) ->
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Orbax checkpoint from `gptoss-jax convert`, or a Hugging Face directory")
+    parser.add_argument("model", help="Orbax checkpoint from `gptoss-jax convert`, a Hugging Face directory, "
+                        "or random:CONFIG (random weights, e.g. random:demo)")
     parser.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
 
 
