@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mxfp4", action="store_true", help="re-quantize the experts to MXFP4, as released")
     export.add_argument("--force", action="store_true", help="replace an existing OUT")
     export.set_defaults(run=cmd_export)
+
+    from gptoss_jax.train.loop import add_finetune_command
+
+    add_finetune_command(commands)
     return parser
 
 

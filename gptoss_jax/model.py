@@ -58,6 +58,27 @@ EXPERT_MATRICES = ("gate_up", "down")
 """Weights that a scan over layers passes whole, with the layer index (see `moe.expert_matmul`)."""
 
 
+Lora = dict[str, Any]
+"""LoRA adapters (see `gptoss_jax.train.lora`): per adapted weight {"a", "b"} float32 with `a @ b` the
+weight's full update (scale folded in); attention's may hold {"dropout": {"key", "rate"}}. Optional
+everywhere: `lora=None` is the plain model."""
+
+
+def _lora_delta(x: jax.Array, adapter: dict[str, jax.Array], spec_a: str, spec_b: str) -> jax.Array:
+    """(x @ a) @ b in the adapters' dtype (float32), never forming a @ b."""
+    low = jnp.einsum(spec_a, x.astype(adapter["a"].dtype), adapter["a"], preferred_element_type=jnp.float32)
+    return jnp.einsum(spec_b, low, adapter["b"], preferred_element_type=jnp.float32)
+
+
+def _lora_dropout(x: jax.Array, lora: Lora, index: int) -> jax.Array:
+    """Inverted dropout of an adapter's input (one mask per adapted projection), or x as is."""
+    if "dropout" not in lora:
+        return x
+    key, rate = lora["dropout"]["key"], lora["dropout"]["rate"]
+    keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
+    return jnp.where(keep, x.astype(jnp.float32) / (1.0 - rate), 0.0)
+
+
 def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
 
@@ -93,8 +114,8 @@ class Attention(nnx.Module):
         self.sinks = _weight(rngs, (n,), ("q_heads",), dtype, std=1.0)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 window: int | None, kv: KV | None = None, view: CacheView | None = None
-                 ) -> tuple[jax.Array, KV | None]:
+                 window: int | None, kv: KV | None = None, view: CacheView | None = None,
+                 lora: Lora | None = None) -> tuple[jax.Array, KV | None]:
         """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d].
 
         With a cache: `kv` holds this layer's cached {"k", "v"} [b, s, kv_heads, h] and `view` the
@@ -106,6 +127,13 @@ class Attention(nnx.Module):
         q = _project("btd,dnh->btnh", x, self.q[...], self.q_bias[...])
         k = _project("btd,dkh->btkh", x, self.k[...], self.k_bias[...])
         v = _project("btd,dkh->btkh", x, self.v[...], self.v_bias[...])
+        if lora:
+            projected = {"q": q, "k": k, "v": v}
+            for i, name in enumerate(projected):
+                if name in lora:
+                    projected[name] = projected[name] + _lora_delta(_lora_dropout(x, lora, i), lora[name],
+                                                                    "btd,dr->btr", "btr,rnh->btnh")
+            q, k, v = projected["q"], projected["k"], projected["v"]
         q, k = attention.apply_rope(q, *rope).astype(dtype), attention.apply_rope(k, *rope).astype(dtype)
         v = v.astype(dtype)
         if kv is None:
@@ -117,7 +145,10 @@ class Attention(nnx.Module):
             key_positions = jnp.concatenate([slot_positions, positions], axis=1)
             out = attention.attend(q, keys, values, self.sinks[...], positions, key_positions, window)
             kv = {"k": cache.scatter(kv["k"], slots, k), "v": cache.scatter(kv["v"], slots, v)}
-        return _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...]), kv
+        y = _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...])
+        if lora and "o" in lora:
+            y = y + _lora_delta(_lora_dropout(out, lora, 3), lora["o"], "btnh,nhr->btr", "btr,rd->btd")
+        return y, kv
 
 
 class MoE(nnx.Module):
@@ -134,14 +165,20 @@ class MoE(nnx.Module):
         self.down = _weight(rngs, (e, i, d), ("experts", "expert_mlp", "embed"), dtype, fan_in=i)
         self.down_bias = _weight(rngs, (e, d), ("experts", "embed"), dtype, std=0.02)
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None, lora: Lora | None = None) -> jax.Array:
         """x [b, t, d] -> [b, t, d]. With `layer`, `gate_up` and `down` hold every layer's experts
-        ([layers, e, ...], read in place) and `layer` says which to use."""
-        expert_ids, expert_weights = moe.route(x, self.router[...].astype(jnp.float32), self.router_bias[...],
+        ([layers, e, ...], read in place) and `layer` says which to use. `lora` may adapt the router
+        ([d, e] is small: merged) and the experts (per expert, inside the grouped matmul)."""
+        lora = lora or {}
+        router = self.router[...].astype(jnp.float32)
+        if "router" in lora:
+            router = router + lora["router"]["a"] @ lora["router"]["b"]
+        expert_ids, expert_weights = moe.route(x, router, self.router_bias[...],
                                                self.config.experts_per_token)
+        expert_lora = {name: lora[name] for name in EXPERT_MATRICES if name in lora} or None
         return moe.experts(x.astype(self.gate_up.dtype), expert_ids, expert_weights, self.gate_up[...], self.gate_up_bias[...],
                            self.down[...], self.down_bias[...], alpha=self.config.swiglu_alpha,
-                           limit=self.config.swiglu_limit, layer=layer)
+                           limit=self.config.swiglu_limit, layer=layer, lora=expert_lora)
 
 
 class Block(nnx.Module):
@@ -155,11 +192,12 @@ class Block(nnx.Module):
         self.mlp = MoE(config, dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None
-                 ) -> tuple[jax.Array, KV | None]:
-        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view)
+                 kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None,
+                 lora: Lora | None = None) -> tuple[jax.Array, KV | None]:
+        lora = lora or {}
+        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, lora.get("attn"))
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x), layer), kv
+        return x + self.mlp(self.mlp_norm(x), layer, lora.get("mlp")), kv
 
 
 class LayerPair(nnx.Module):
@@ -171,11 +209,14 @@ class LayerPair(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                  kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None,
-                 layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
+                 layer: jax.Array | None = None, lora: Lora | None = None
+                 ) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
         """Returns the output, both layers' outputs [2, b, t, d], and the pair's updated cache."""
-        kv, views = kv or {}, views or {}
-        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"), layer)
-        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"), layer)
+        kv, views, lora = kv or {}, views or {}, lora or {}
+        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"), layer,
+                                                 lora.get("sliding"))
+        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"), layer,
+                                        lora.get("full"))
         new_kv = {"sliding": sliding_kv, "full": full_kv} if kv else None
         return after_full, jnp.stack([after_sliding, after_full]), new_kv
 
@@ -197,10 +238,15 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(config, rngs)
         self.unembed = _weight(rngs, (v, d), ("vocab", "embed"), dtype, fan_in=d)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, kv_cache: cache.Cache | None = None
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, kv_cache: cache.Cache | None = None,
+                 lora: Lora | None = None, remat: str | None = None
                  ) -> tuple[jax.Array, jax.Array, cache.Cache | None]:
         """tokens int32 [b, t] -> (final normed hidden float32 [b, t, d], each layer's output
-        [layers, b, t, d], updated cache or None). `logits` maps the first to the vocabulary."""
+        [layers, b, t, d], updated cache or None). `logits` maps the first to the vocabulary.
+
+        `lora`: adapters {"layers": {"sliding" | "full": ...}} stacked like the layer params (see
+        `Lora`). `remat`: rematerialize each layer pair in the backward pass: "full" saves only the
+        pair's input, "dots" also the matmul outputs (see `REMAT_POLICIES`)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -221,15 +267,18 @@ class Transformer(nnx.Module):
         def one_pair(x: jax.Array, index_and_kv: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             # Expert matrices stay stacked and are indexed by layer inside the expert matmul: XLA
             # copies any slice taken here, and those copies would cost more than the matmuls.
-            index, pair_kv = index_and_kv
+            index, pair_kv, pair_lora = index_and_kv
             params = jax.tree_util.tree_map_with_path(
                 lambda path, w: w if _key_name(path[-2]) in EXPERT_MATRICES else
                 jax.lax.dynamic_index_in_dim(w, index, keepdims=False), pair_params)
-            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index)
+            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index, pair_lora)
             return x, (hidden, pair_kv)
 
+        if remat is not None:
+            one_pair = jax.checkpoint(one_pair, policy=REMAT_POLICIES[remat], prevent_cse=False)
         pair_index = jnp.arange(self.config.num_layer_pairs)
-        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_index, kv))
+        lora_layers = (lora or {}).get("layers")
+        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_index, kv, lora_layers))
         hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
         new_cache = None
         if kv_cache is not None:
@@ -240,6 +289,13 @@ class Transformer(nnx.Module):
         """Final normed hidden [..., d] -> float32 logits [..., vocab]."""
         return jnp.einsum("...d,vd->...v", x.astype(self.unembed.dtype), self.unembed[...],
                           preferred_element_type=jnp.float32)
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+"""Rematerialization policies for `Transformer.__call__(remat=...)` (training on long sequences)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,13 +311,14 @@ def build(config: Config, params: Params) -> Transformer:
 
 
 def forward(config: Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
-            *, return_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+            *, return_hidden: bool = False, lora: Lora | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Logits float32 [b, t, vocab] for int32 `tokens` [b, t].
 
     `positions` [b, t] defaults to 0..t-1 per row; a negative position marks a padding token, which
     no other token attends to. With `return_hidden`, also returns each layer's output [layers, b, t, d].
+    `lora`: LoRA adapters applied on the fly (see `Lora`; `gptoss_jax.train.lora` makes them).
     """
     model = build(config, params)
-    x, hidden, _ = model(tokens, positions)
+    x, hidden, _ = model(tokens, positions, lora=lora)
     logits = model.logits(x)
     return (logits, hidden) if return_hidden else logits

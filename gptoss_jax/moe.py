@@ -9,6 +9,9 @@ e experts, i expert intermediate.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -30,43 +33,102 @@ def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -
     return expert_ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1)
 
 
-def expert_matmul(x_sorted: jax.Array, weights: jax.Array, group_sizes: jax.Array,
-                  layer: jax.Array | None = None) -> jax.Array:
-    """The one grouped matmul of the experts: rows of x_sorted [a, in] belong to consecutive experts
-    (group_sizes [e] rows each); weights [e, in, out], or [layers, e, in, out] with `layer` the index
-    to use (so a scan over layers reads the weights in place) -> float32 [a, out].
+_SAVE_PRODUCTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+"""In the backward pass of a tile: keep products, re-read the weight slice (never saved per tile)."""
 
-    Rows are laid out in tiles of `tile` rows, each tile holding one expert's rows (zero-padded),
-    and a `jax.lax.scan` multiplies each tile by its expert's matrix, read in place by a dynamic
-    index: every routed expert's weights are read once per tile, unrouted experts never. (XLA's
-    CPU `ragged_dot` is ~30x slower than this, and gathering weights per row copies them.)
+
+def expert_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None,
+                  lora: dict[str, jax.Array] | None = None, tile: int | None = None) -> jax.Array:
+    """The one grouped matmul of the experts, used on one device and inside `sharding/`'s shard_map.
+
+    Rows of x [rows, in] grouped consecutively (group_sizes [g]) times weights [g, in, out] (or
+    [layers, g, in, out] and `layer`: a scan over layers then reads the weights in place, where a
+    slice taken outside would be copied), plus (x @ a[g]) @ b[g] with a LoRA {"a" [g, in, r],
+    "b" [g, r, out]} -> float32 [rows, out], zero past the last group. `jax.lax.ragged_dot` (a
+    grouped GEMM) on GPU and TPU; on CPU, where XLA lowers ragged_dot to a masked dense product
+    ~30x slower, `_tiled_grouped_matmul`."""
+    cpu = functools.partial(_tiled_grouped_matmul, layer=layer, tile=tile, lora=lora)
+    return jax.lax.platform_dependent(x, weights, group_sizes, cpu=cpu,
+                                      default=functools.partial(_ragged_dot, layer=layer, lora=lora))
+
+
+def _ragged_dot(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, layer: jax.Array | None,
+                lora: dict[str, jax.Array] | None) -> jax.Array:
+    if layer is not None:
+        weights = jax.lax.dynamic_index_in_dim(weights, layer, keepdims=False)
+    y = jax.lax.ragged_dot(x, weights, group_sizes, preferred_element_type=jnp.float32)
+    if lora is not None:
+        low = jax.lax.ragged_dot(x.astype(lora["a"].dtype), lora["a"], group_sizes, preferred_element_type=jnp.float32)
+        y = y + jax.lax.ragged_dot(low, lora["b"], group_sizes, preferred_element_type=jnp.float32)
+    return y
+
+
+def tile_rows(rows_per_group: int) -> int:
+    """Power of two >= the rows a group gets on average, in [8, 128]."""
+    return int(min(128, max(8, 1 << max(0, math.ceil(math.log2(max(1, rows_per_group)))))))
+
+
+def _tiled_grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array,
+                          layer: jax.Array | None = None, tile: int | None = None,
+                          lora: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Grouped matmul that computes only the rows in groups (XLA:CPU lowers ragged_dot to a masked
+    product with every group, groups x rows of work).
+
+    Each group's rows are padded to whole tiles, so a tile belongs to one group; a scan over the
+    (static) worst-case tile count multiplies the used tiles by their group's weights and skips
+    the rest. Differentiable (scan + cond), for fine-tuning.
     """
-    rows, num_experts = x_sorted.shape[0], weights.shape[-3]
-    tile = int(min(128, max(1, rows // num_experts)))
-    num_tiles = (rows + min(num_experts, rows) * (tile - 1)) // tile  # upper bound on tiles in use
-    padded_sizes = (group_sizes + tile - 1) // tile * tile
-    padded_ends = jnp.cumsum(padded_sizes)
-    group_starts = jnp.cumsum(group_sizes) - group_sizes
-    expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=rows)
-    slot = padded_ends[expert_of_row] - padded_sizes[expert_of_row] + jnp.arange(rows) - group_starts[expert_of_row]
-    x_tiles = jnp.zeros((num_tiles * tile, x_sorted.shape[1]), x_sorted.dtype).at[slot].set(x_sorted)
-    x_tiles = x_tiles.reshape(num_tiles, tile, -1)
-    tile_starts = jnp.arange(num_tiles) * tile
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_ends, tile_starts, side="right"), num_experts - 1)
-    in_use = tile_starts < padded_ends[-1]
+    rows, (groups, _, columns) = x.shape[0], weights.shape[-3:]
+    tile = tile or tile_rows(rows // groups)
+    num_tiles = -(-rows // tile) + groups  # sum_g ceil(n_g / tile) <= rows / tile + groups
+    ends = jnp.cumsum(group_sizes)
+    padded = (group_sizes + tile - 1) // tile * tile
+    padded_ends = jnp.cumsum(padded)
+    row = jnp.arange(rows)
+    group = jnp.searchsorted(ends, row, side="right")  # `groups` for rows past the last group
+    valid = group < groups
+    group = jnp.minimum(group, groups - 1)
+    slot = jnp.where(valid, padded_ends[group] - padded[group] + row - (ends[group] - group_sizes[group]),
+                     num_tiles * tile)
+    x_tiles = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[slot].set(x, mode="drop")
+    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right"),
+                             groups - 1)
+    used = padded_ends[-1] // tile
 
-    def one_tile(_: None, tile_args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        x_tile, expert, used = tile_args
+    def matrix(g: jax.Array) -> jax.Array:  # read in place: a slice taken outside would be copied
         if layer is None:
-            matrix = jax.lax.dynamic_index_in_dim(weights, expert, keepdims=False)
-        else:
-            matrix = jax.lax.dynamic_slice(weights, (layer, expert, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
-        product = jax.lax.cond(used, lambda: jnp.dot(x_tile, matrix, preferred_element_type=jnp.float32),
-                               lambda: jnp.zeros((tile, weights.shape[-1]), jnp.float32))
-        return None, product
+            return jax.lax.dynamic_index_in_dim(weights, g, keepdims=False)
+        return jax.lax.dynamic_slice(weights, (layer, g, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
 
-    _, y_tiles = jax.lax.scan(one_tile, None, (x_tiles, tile_expert, in_use))
-    return y_tiles.reshape(num_tiles * tile, -1)[slot]
+    def product(x_tile: jax.Array, g: jax.Array) -> jax.Array:
+        y = jnp.dot(x_tile, matrix(g), preferred_element_type=jnp.float32)
+        if lora is not None:
+            a, b = (jax.lax.dynamic_index_in_dim(lora[p], g, keepdims=False) for p in ("a", "b"))
+            low = jnp.dot(x_tile.astype(a.dtype), a, preferred_element_type=jnp.float32)
+            y = y + jnp.dot(low, b, preferred_element_type=jnp.float32)
+        return y
+
+    def typed_zeros(x_tile: jax.Array, g: jax.Array) -> jax.Array:  # [tile, columns], no matmul
+        factors = [x_tile[:, :1], matrix(g)[:1]] + ([lora["a"][g, :1, :1], lora["b"][g, :1, :1]] if lora else [])
+        return functools.reduce(lambda acc, f: acc * (0 * f).astype(jnp.float32), factors,
+                                jnp.zeros((tile, columns), jnp.float32))
+
+    def one_tile(_, inputs):
+        t, x_tile, g = inputs
+        y = jax.lax.cond(t < used,
+                         lambda: product(x_tile, g),
+                         # zeros typed like the product (inside shard_map, both branches must vary
+                         # over the same mesh axes)
+                         lambda: typed_zeros(x_tile, g))
+        return None, y
+
+    # Under differentiation (fine-tuning), recompute each tile's weight read in the backward pass
+    # instead of saving every tile's [in, out] slice as a residual (a no-op for inference).
+    one_tile = jax.checkpoint(one_tile, prevent_cse=False, policy=_SAVE_PRODUCTS)
+    _, y_tiles = jax.lax.scan(one_tile, None, (jnp.arange(num_tiles), x_tiles.reshape(num_tiles, tile, -1),
+                                               tile_group))
+    y = y_tiles.reshape(num_tiles * tile, -1)[jnp.minimum(slot, num_tiles * tile - 1)]
+    return jnp.where(valid[:, None], y, 0.0)
 
 
 def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
@@ -81,7 +143,8 @@ def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
 
 def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: jax.Array,
             gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, *, alpha: float,
-            limit: float, layer: jax.Array | None = None) -> jax.Array:
+            limit: float, layer: jax.Array | None = None, lora: dict[str, dict[str, jax.Array]] | None = None
+            ) -> jax.Array:
     """Weighted sum of each token's routed experts.
 
     x [..., d]; expert_ids, expert_weights [..., k]; gate_up [e, d, 2i]; gate_up_bias [e, 2i];
@@ -90,11 +153,17 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
 
     With a device mesh of `gptoss_jax.sharding` set (`jax.set_mesh`), the experts run expert- and
     tensor-parallel there (`sharding/moe.py`); this function is the one-device computation.
+
+    `lora`: optional per-expert adapters {"gate_up" | "down": {"a" [e, in, r], "b" [e, r, out]}}
+    for this layer (see `expert_matmul`).
     """
     if not jax.sharding.get_abstract_mesh().empty:
         from gptoss_jax.sharding import moe as sharded  # deferred: gptoss_jax.sharding imports the model
 
         if sharded.handles_mesh():
+            if lora is not None:  # passed only when given, so the sharded path keeps its own contract
+                return sharded.experts(x, expert_ids, expert_weights, gate_up, gate_up_bias, down, down_bias,
+                                       alpha=alpha, limit=limit, layer=layer, lora=lora)
             return sharded.experts(x, expert_ids, expert_weights, gate_up, gate_up_bias, down, down_bias,
                                    alpha=alpha, limit=limit, layer=layer)
     shape, top_k, num_experts = x.shape, expert_ids.shape[-1], gate_up.shape[-3]
@@ -105,9 +174,10 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
 
     x_sorted = tokens[order // top_k]
-    hidden = expert_matmul(x_sorted, gate_up, group_sizes, layer) + gate_up_bias[sorted_ids].astype(jnp.float32)
+    lora = lora or {}
+    hidden = expert_matmul(x_sorted, gate_up, group_sizes, layer, lora.get("gate_up")) + gate_up_bias[sorted_ids].astype(jnp.float32)
     activated = swiglu(hidden, alpha, limit).astype(x.dtype)
-    y_sorted = expert_matmul(activated, down, group_sizes, layer) + down_bias[sorted_ids].astype(jnp.float32)
+    y_sorted = expert_matmul(activated, down, group_sizes, layer, lora.get("down")) + down_bias[sorted_ids].astype(jnp.float32)
 
     unsort = jnp.argsort(order)
     y = y_sorted[unsort].reshape(-1, top_k, shape[-1])

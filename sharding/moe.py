@@ -1,0 +1,341 @@
+"""Dropless expert parallelism: the experts inside `jax.shard_map` on a (data, fsdp, expert, tensor) mesh.
+
+`gptoss_jax.moe.route` and `.experts` call `route` and `experts` here when one of our meshes is set
+(`jax.set_mesh`). Routing runs per batch shard; each device then holds its batch shard's tokens,
+expert ids and gate weights, and its shard of the expert weights: num_experts / expert whole
+experts, each with intermediate / tensor of its columns.
+
+Per device (dimension letters: m local tokens, M tokens of the expert group, k top-k, d hidden):
+1. Exchange. Two ways, picked per call from the batch size:
+   - "all_gather" (decode-sized batches): all-gather the group's tokens over `expert` (nothing to
+     gather when the batch is too small to be split over `expert`: every shard already has it),
+     keep the assignments to local experts, and after the experts reduce-scatter the outputs.
+     Two dense collectives of static size, no routing-dependent sizes on the critical path, which
+     is what a handful of tokens wants: there, latency is per collective, not per byte.
+   - "ragged_all_to_all" (prefill / training batches): sort assignments by expert and send each
+     expert shard exactly the rows routed to it with `jax.lax.ragged_all_to_all` (sizes exchanged
+     first with one small all-gather), then send the results back. Each device sends and
+     receives about m*k rows where the all-gather moves M = expert*m rows each way: k/expert of
+     the bytes (1/2 for 120b on expert=8), and it sorts m*k assignments instead of M*k, which
+     matters once batches are large.
+   `auto` (the default) uses ragged_all_to_all when a device holds more than
+   `ALL_GATHER_MAX_TOKENS` tokens and the backend has a native ragged all-to-all (GPU, TPU).
+   XLA:CPU has none; its stand-in (`_emulated_ragged_all_to_all`, a dense all_to_all of
+   worst-case slots) moves expert*m*k rows, more than the all-gather, so on CPU `auto` always
+   all-gathers (both paths are tested there).
+2. Compute: sort the local assignments by local expert; gate_up, clamped SwiGLU, down with one
+   grouped matmul each (`jax.lax.ragged_dot`; on CPU, where XLA lowers ragged_dot to a masked dense
+   product over every group, `gptoss_jax.moe.expert_matmul`'s tiled scan instead). Only routed rows are computed: no
+   capacity factor, no dropped tokens, no dense pass over all experts.
+3. Combine: weight by the gates, sum the k experts, then one psum over `tensor` (each tensor shard
+   held a slice of the intermediate dimension, so its down projection is a partial sum; the down
+   bias is added on tensor shard 0 only), and the reduce over `expert` of step 1.
+
+Buffers are sized for the worst case (every assignment of the group routed to one shard:
+M * min(k, local experts) rows) so that no token is ever dropped; grouped matmuls skip the unused
+rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from gptoss_jax import moe as moe_lib
+from gptoss_jax.sharding import rules
+
+STRATEGIES = ("auto", "all_gather", "ragged_all_to_all", "dense")
+"""Exchange strategies. `dense` computes every local expert for every token (a baseline for
+benchmarks and tests, never chosen by `auto`)."""
+
+ALL_GATHER_MAX_TOKENS = 64
+"""`auto` all-gathers when a device holds at most this many tokens (decode: batch per device)."""
+
+LORA_AXES = {"gate_up": {"a": ("experts", "lora_embed", "lora_rank"), "b": ("experts", "lora_rank", "expert_mlp")},
+             "down": {"a": ("experts", "expert_mlp", "lora_rank"), "b": ("experts", "lora_rank", "lora_embed")}}
+"""Logical axes of the per-expert LoRA adapters of `gptoss_jax.train.lora` (one layer's)."""
+
+NATIVE_RAGGED_ALL_TO_ALL = frozenset({"gpu", "cuda", "rocm", "tpu"})
+
+_strategy: contextvars.ContextVar[str] = contextvars.ContextVar("gptoss_jax_moe_strategy", default="auto")
+
+
+@contextlib.contextmanager
+def moe_strategy(name: str) -> Iterator[None]:
+    """Forces an exchange strategy for MoE layers traced inside the block (read at trace time:
+    jit a fresh function inside it)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown MoE strategy {name!r} (one of {', '.join(STRATEGIES)})")
+    token = _strategy.set(name)
+    try:
+        yield
+    finally:
+        _strategy.reset(token)
+
+
+def choose_strategy(tokens_per_device: int, tokens_split_over_expert: bool, platform: str,
+                    requested: str = "auto") -> str:
+    """The exchange for one MoE call (see the module docstring for why)."""
+    if requested == "dense":
+        return "dense"
+    if not tokens_split_over_expert:
+        return "all_gather"  # every expert shard already holds all of the group's tokens
+    if requested != "auto":
+        return requested
+    if platform in NATIVE_RAGGED_ALL_TO_ALL and tokens_per_device > ALL_GATHER_MAX_TOKENS:
+        return "ragged_all_to_all"
+    return "all_gather"
+
+
+def handles_mesh() -> bool:
+    """Whether a mesh of ours is in context and spans more than one device."""
+    sizes = rules.mesh_in_context()
+    return sizes is not None and math.prod(sizes.values()) > 1
+
+
+def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """`gptoss_jax.moe.route` per batch shard (x [b, ..., d] -> ids, weights [b, ..., k]).
+
+    Left to the partitioner, top-k all-gathers the router logits of the whole batch on every
+    device; in a shard_map each device routes its own tokens with the (replicated) router.
+    """
+    sizes = rules.mesh_in_context()
+    assert sizes is not None, "gptoss_jax.sharding.moe.route needs a mesh set with jax.set_mesh"
+    shape = x.shape
+    x3 = x.reshape(shape[0], -1, shape[-1])
+    token_spec = rules.activation_spec(("batch", None, None), x3.shape, sizes)
+    router_spec = rules.weight_spec(("embed", "router_experts"), router.shape, sizes, what="router")
+    bias_spec = rules.weight_spec(("router_experts",), router_bias.shape, sizes, what="router bias")
+
+    def body(x, router, router_bias):
+        if sizes["fsdp"] > 1:
+            router = jax.lax.all_gather(router, "fsdp", axis=0, tiled=True)
+        return moe_lib.route(x, router, router_bias, top_k)  # one-device code: the mesh is manual here
+
+    ids, weights = jax.shard_map(body, in_specs=(token_spec, router_spec, bias_spec),
+                                 out_specs=(token_spec, token_spec))(x3, router, router_bias)
+    return ids.reshape(*shape[:-1], top_k), weights.reshape(*shape[:-1], top_k)
+
+
+def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: jax.Array,
+            gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, *, alpha: float,
+            limit: float, layer: jax.Array | None = None, lora: dict[str, dict[str, jax.Array]] | None = None
+            ) -> jax.Array:
+    """Same contract as `gptoss_jax.moe.experts` (x [b, ..., d] -> float32 [b, ..., d]), sharded
+    over the mesh in context. With `layer`, gate_up and down are every layer's [layers, e, ...]
+    and `layer` picks one (read in place by the CPU grouped matmul, as on one device). `lora`:
+    per-expert adapters {"gate_up" | "down": {"a" [e, in, r], "b" [e, r, out]}}, split like their
+    expert (the intermediate side over tensor), applied inside the grouped matmuls."""
+    sizes = rules.mesh_in_context()
+    assert sizes is not None, "gptoss_jax.sharding.moe.experts needs a mesh set with jax.set_mesh"
+    shape, d, top_k = x.shape, x.shape[-1], expert_ids.shape[-1]
+    b = shape[0]
+    x3 = x.reshape(b, -1, d)
+    ids3 = expert_ids.reshape(b, -1, top_k)
+    w3 = expert_weights.reshape(b, -1, top_k)
+
+    token_spec = rules.activation_spec(("batch", None, None), x3.shape, sizes)
+    batch_axes = _axes(token_spec[0])
+    over_expert = "expert" in batch_axes
+    tokens_per_device = x3.shape[0] * x3.shape[1] // math.prod(sizes[a] for a in batch_axes)
+    strategy = choose_strategy(tokens_per_device, over_expert, jax.default_backend(), _strategy.get())
+
+    stacked = ("layers",) if layer is not None else ()
+    specs = [rules.weight_spec(axes, w.shape, sizes, what="expert weight") for axes, w in (
+        ((*stacked, "experts", "embed", "expert_mlp"), gate_up), (("experts", "expert_mlp"), gate_up_bias),
+        ((*stacked, "experts", "expert_mlp", "embed"), down), (("experts", "embed"), down_bias))]
+    body = functools.partial(_shard_body, sizes=sizes, strategy=strategy, token_axes=batch_axes,
+                             alpha=alpha, limit=limit)
+    layer = jnp.zeros((), jnp.int32) if layer is None else layer  # (a scalar whatever `stacked`)
+    lora = lora or {}
+    lora_specs = {target: {part: rules.weight_spec(LORA_AXES[target][part], lora[target][part].shape, sizes,
+                                                   what=f"expert LoRA {target}.{part}") for part in ("a", "b")}
+                  for target in lora}
+    out = jax.shard_map(body, in_specs=(token_spec, token_spec, token_spec, *specs, P(), lora_specs),
+                        out_specs=token_spec)(x3, ids3, w3, gate_up, gate_up_bias, down, down_bias, layer, lora)
+    return out.reshape(shape)
+
+
+def _psum(x: jax.Array, axes: tuple[str, ...], sizes: dict[str, int]) -> jax.Array:
+    axes = tuple(a for a in axes if sizes[a] > 1)
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: jax.Array, gate_up_bias: jax.Array,
+                down: jax.Array, down_bias: jax.Array, layer: jax.Array, lora: dict[str, dict[str, jax.Array]],
+                *, sizes: dict[str, int], strategy: str,
+                token_axes: tuple[str, ...], alpha: float, limit: float) -> jax.Array:
+    """One device's MoE: x [b_local, t, d] -> float32 [b_local, t, d], already reduced."""
+    shape, d, top_k = x.shape, x.shape[-1], ids.shape[-1]
+    tokens, ids, gates = x.reshape(-1, d), ids.reshape(-1, top_k), gates.reshape(-1, top_k)
+    stacked = gate_up.ndim == 4
+    if stacked and (sizes["fsdp"] > 1 or strategy == "dense"):  # this layer's experts only
+        gate_up, down = (jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in (gate_up, down))
+        stacked = False
+    if sizes["fsdp"] > 1:  # FSDP: whole rows of the local experts for this layer
+        gate_up = jax.lax.all_gather(gate_up, "fsdp", axis=1, tiled=True)
+        down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)
+        down_bias = jax.lax.all_gather(down_bias, "fsdp", axis=1, tiled=True)
+    local_experts = gate_up_bias.shape[0]
+    # (axes of size 1 are left out of specs and collectives, so that nothing varies over them)
+    first_expert = jax.lax.axis_index("expert") * local_experts if sizes["expert"] > 1 else 0
+    if sizes["tensor"] > 1:  # the down projection is a partial sum over tensor shards: add its bias once
+        down_bias = down_bias * (jax.lax.axis_index("tensor") == 0).astype(down_bias.dtype)
+    over_expert = "expert" in token_axes
+    # rows an expert gets on average: the CPU grouped matmul's tile (the buffers are sized for the worst case)
+    group_tokens = tokens.shape[0] * (sizes["expert"] if over_expert else 1)
+    tile = moe_lib.tile_rows(group_tokens * top_k // (local_experts * sizes["expert"]))
+    ffn = functools.partial(_expert_ffn, gate_up=gate_up, gate_up_bias=gate_up_bias, down=down,
+                            down_bias=down_bias, layer=layer if stacked else None, tile=tile, lora=lora,
+                            alpha=alpha, limit=limit)
+
+    if strategy == "ragged_all_to_all":
+        varying = (*token_axes, *(("tensor",) if sizes["tensor"] > 1 else ()))  # what the buffers vary over
+        out = _ragged_all_to_all_experts(tokens, ids, gates, ffn, local_experts, sizes["expert"], varying)
+        out = _psum(out, ("tensor",), sizes)
+    else:
+        if over_expert:
+            tokens, ids, gates = (jax.lax.all_gather(a, "expert", tiled=True) for a in (tokens, ids, gates))
+        local = _dense_local_experts if strategy == "dense" else _sorted_local_experts
+        out = local(tokens, ids, gates, ffn, first_expert, local_experts, gate_up, gate_up_bias, down,
+                    down_bias, alpha, limit, lora)
+        if over_expert:
+            out = _psum(jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True), ("tensor",), sizes)
+        else:
+            out = _psum(out, ("expert", "tensor"), sizes)
+    return out.reshape(shape)
+
+
+def _expert_ffn(x_sorted: jax.Array, local_ids: jax.Array, group_sizes: jax.Array, *, gate_up: jax.Array,
+                gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, layer: jax.Array | None,
+                tile: int, lora: dict[str, dict[str, jax.Array]], alpha: float, limit: float) -> jax.Array:
+    """The local experts on rows sorted by local expert (group_sizes [local experts] rows each;
+    rows past them are ignored) -> float32 [rows, d], as gptoss_jax.moe.experts computes them."""
+    idx = jnp.clip(local_ids, 0, gate_up_bias.shape[0] - 1)
+    hidden = moe_lib.expert_matmul(x_sorted, gate_up, group_sizes, layer, lora.get("gate_up"), tile=tile)
+    hidden = hidden + gate_up_bias[idx].astype(jnp.float32)
+    activated = moe_lib.swiglu(hidden, alpha, limit).astype(x_sorted.dtype)
+    y = moe_lib.expert_matmul(activated, down, group_sizes, layer, lora.get("down"), tile=tile)
+    return y + down_bias[idx].astype(jnp.float32)
+
+
+def _sorted_local_experts(tokens, ids, gates, ffn, first_expert, local_experts, *_):
+    """All tokens of the group; compute only their assignments to this shard's experts."""
+    m, top_k = ids.shape
+    local = ids.reshape(-1) - first_expert
+    mine = (local >= 0) & (local < local_experts)
+    key = jnp.where(mine, local, local_experts)  # other shards' assignments sort last
+    rows = m * min(top_k, local_experts)  # worst case: every token routed here k times
+    order = jnp.argsort(key, stable=True)[:rows]
+    group_sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    sorted_key = key[order]
+    y = ffn(tokens[order // top_k], sorted_key, group_sizes)
+    weight = jnp.where(sorted_key < local_experts, gates.reshape(-1)[order].astype(jnp.float32), 0.0)
+    return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[order // top_k].add(y * weight[:, None])
+
+
+def _dense_local_experts(tokens, ids, gates, ffn, first_expert, local_experts, gate_up, gate_up_bias,
+                         down, down_bias, alpha, limit, lora):
+    """Baseline: every local expert on every token of the group, weighted by its gate (0 if unrouted)."""
+    del ffn
+
+    def matmul(x, w, adapter):  # x [e, m, in] @ w [e, in, out] (+ LoRA)
+        y = jnp.einsum("emi,eio->emo", x, w, preferred_element_type=jnp.float32)
+        if adapter is not None:
+            low = jnp.einsum("emi,eir->emr", x.astype(adapter["a"].dtype), adapter["a"])
+            y = y + jnp.einsum("emr,ero->emo", low, adapter["b"], preferred_element_type=jnp.float32)
+        return y
+
+    every = jnp.broadcast_to(tokens, (local_experts, *tokens.shape))  # a batched matmul: XLA:CPU's best form
+    hidden = matmul(every, gate_up, lora.get("gate_up"))
+    hidden = hidden + gate_up_bias[:, None].astype(jnp.float32)
+    activated = moe_lib.swiglu(hidden, alpha, limit).astype(tokens.dtype)
+    y = matmul(activated, down, lora.get("down"))
+    y = y + down_bias[:, None].astype(jnp.float32)
+    which = ids[:, :, None] == first_expert + jnp.arange(local_experts)  # [m, k, e]
+    weight = jnp.einsum("mke,mk->me", which.astype(jnp.float32), gates.astype(jnp.float32))
+    return jnp.einsum("emd,me->md", y, weight)
+
+
+def _exclusive_cumsum(a: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def _ragged_all_to_all_experts(tokens, ids, gates, ffn, local_experts: int, shards: int,
+                               varying: tuple[str, ...]) -> jax.Array:
+    """Send each assignment to the shard owning its expert, compute, send the result back."""
+
+    def buffer(rows: int, dtype: Any) -> jax.Array:  # typed as varying like the rows it receives
+        return jax.lax.pcast(jnp.zeros((rows, d), dtype), varying, to="varying")
+
+    m, top_k = ids.shape
+    d = tokens.shape[-1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by global expert: by destination, then local expert
+    x_send = tokens[order // top_k]
+    counts = jnp.bincount(flat, length=local_experts * shards).astype(jnp.int32)
+    all_counts = jax.lax.all_gather(counts, "expert")  # [source shard, global expert]
+    sizes = all_counts.reshape(shards, shards, local_experts).sum(-1)  # [source, destination]
+    me = jax.lax.axis_index("expert")
+    send_sizes, recv_sizes = sizes[me], sizes[:, me]
+    send_offsets = _exclusive_cumsum(send_sizes)  # where each destination's rows start in x_send
+    land_offsets = _exclusive_cumsum(sizes, axis=0)  # [source, destination]: start in destination's buffer
+    capacity = shards * m * min(top_k, local_experts)  # worst case: every shard sends everything here
+    x_recv = ragged_all_to_all(x_send, buffer(capacity, x_send.dtype), send_offsets, send_sizes,
+                               land_offsets[me], recv_sizes, axis_name="expert", axis_size=shards)
+
+    # received rows: chunks by source shard, each sorted by local expert
+    recv_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * local_experts, local_experts, axis=1)
+    segment_ends = jnp.cumsum(recv_counts.reshape(-1))
+    segment = jnp.searchsorted(segment_ends, jnp.arange(capacity), side="right")
+    key = jnp.where(segment < shards * local_experts, segment % local_experts, local_experts)
+    order2 = jnp.argsort(key, stable=True)
+    y2 = ffn(x_recv[order2], key[order2], recv_counts.sum(0))
+    y_recv = jnp.zeros_like(y2).at[order2].set(y2)
+
+    back_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]  # where my rows started in each source's x_send
+    y_sorted = ragged_all_to_all(y_recv, buffer(m * top_k, jnp.float32), land_offsets[:, me],
+                                 recv_sizes, back_offsets, send_sizes, axis_name="expert", axis_size=shards)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(m, top_k, d)
+    return jnp.einsum("mkd,mk->md", y, gates.astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Platform-dependent kernels: the native op on GPU / TPU, a stand-in on CPU.
+
+def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array, send_sizes: jax.Array,
+                      output_offsets: jax.Array, recv_sizes: jax.Array, *, axis_name: str,
+                      axis_size: int) -> jax.Array:
+    """`jax.lax.ragged_all_to_all` (same arguments); on CPU, `_emulated_ragged_all_to_all`."""
+    native = functools.partial(jax.lax.ragged_all_to_all, axis_name=axis_name)
+    emulated = functools.partial(_emulated_ragged_all_to_all, axis_name=axis_name, axis_size=axis_size)
+    return jax.lax.platform_dependent(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                      cpu=emulated, default=native)
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name: str, axis_size: int):
+    """ragged_all_to_all's semantics from a dense all_to_all of fixed-size slots (XLA:CPU has no
+    ragged-all-to-all). A slot holds the largest possible chunk: min(operand rows, output rows)."""
+    slot = min(operand.shape[0], output.shape[0])
+    lanes = jnp.arange(slot)
+    rows = jnp.minimum(input_offsets[:, None] + lanes, operand.shape[0] - 1)
+    sending = (lanes < send_sizes[:, None]).reshape(*rows.shape, *(1,) * (operand.ndim - 1))
+    slots = jnp.where(sending, operand[rows], 0)  # [peers, slot, ...]
+    received = jax.lax.all_to_all(slots, axis_name, 0, 0, tiled=True)
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # senders' offsets into me
+    target = jnp.where(lanes < recv_sizes[:, None], offsets[:, None] + lanes, output.shape[0])
+    return output.at[target.reshape(-1)].set(received.reshape(axis_size * slot, *operand.shape[1:]),
+                                             mode="drop")

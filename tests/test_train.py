@@ -1,0 +1,299 @@
+"""LoRA fine-tuning: gradients vs transformers + peft, PEFT files, merge, overfitting, data-parallel
+and accumulated steps, the data pipeline, and the finetune command (kill and resume, NaN stop)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES, Golden, assert_close_to_reference
+
+import gptoss_jax
+from gptoss_jax.train import data as data_lib
+from gptoss_jax.train import lora as lora_lib
+from gptoss_jax.train import loop
+from gptoss_jax.train import step as step_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _positions(inputs: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.arange(inputs.shape[-1], dtype=np.int32), inputs.shape).copy()
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
+def test_lora_gradients_and_logits_match_peft(name):
+    """peft's adapter file loads into our layout; logits with the adapter, the masked loss and the
+    gradient of every LoRA tensor (attention, per-expert gate_up/down, router) equal torch autograd's
+    through transformers + peft (float32), within 1e-4 relative."""
+    golden = Golden(name)
+    config, params = golden.config, golden.params(np.float32)
+    directory = FIXTURES / f"{name}-lora"
+    adapters, lc = lora_lib.load_peft(directory, config)
+    assert (lc.rank, lc.alpha, lc.attention, lc.experts, lc.router) == (4, 8.0, ("q", "k", "v", "o"),
+                                                                         ("gate_up", "down"), True)
+    ref = dict(np.load(directory / "golden.npz"))
+    micro = {"inputs": ref["inputs"], "targets": ref["targets"], "weights": ref["weights"],
+             "positions": _positions(ref["inputs"])}
+
+    @jax.jit
+    def run(adapters):
+        loss, grads = jax.value_and_grad(
+            lambda a: step_lib.loss_fn(config, params, a, lc, micro, loss_chunk=16))(adapters)
+        logits = gptoss_jax.forward(config, params, micro["inputs"], micro["positions"],
+                                    lora=lora_lib.model_adapters(adapters, lc))
+        return loss, grads, logits
+
+    loss, grads, logits = run(adapters)
+    assert_close_to_reference(logits, ref["logits"], f"{name} logits with LoRA")
+    np.testing.assert_allclose(float(loss), float(ref["loss"]), rtol=1e-5)
+    ours = lora_lib.to_peft(config, grads, lc)
+    expected = {k.removeprefix("grad/").replace(".default.", "."): v for k, v in ref.items() if k.startswith("grad/")}
+    assert sorted(ours) == sorted(expected)
+    for key, value in ours.items():
+        bound = 1e-4 * np.max(np.abs(expected[key]))
+        assert np.max(np.abs(value - expected[key])) <= bound, key
+    # and the relayout round-trips
+    from safetensors.numpy import load_file
+
+    stored = load_file(directory / "adapter_model.safetensors")
+    again = lora_lib.to_peft(config, adapters, lc)
+    assert all(np.array_equal(again[k], stored[k]) for k in stored) and sorted(again) == sorted(stored)
+
+
+def _random_adapters(config, lc, seed=1):
+    lora = lora_lib.init_lora(config, lc, seed)
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 100))
+    return jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), lora)
+
+
+def test_merge_equals_adapters_and_peft_export_roundtrips(tmp_path):
+    golden = Golden("tiny-a")
+    config, params = golden.config, golden.params(np.float32)
+    lc = lora_lib.LoraConfig(rank=3, alpha=5.0, router=True)
+    lora = _random_adapters(config, lc)
+    tokens = jnp.asarray(golden.outputs["tokens"][:, :24])
+    forward = jax.jit(lambda p, t, lora=None: gptoss_jax.forward(config, p, t, lora=lora))
+    with_adapters = forward(params, tokens, lora_lib.model_adapters(lora, lc))
+    merged = forward(lora_lib.merge(config, params, lora, lc), tokens)
+    plain = forward(params, tokens)
+    assert float(jnp.max(jnp.abs(with_adapters - plain))) > 0.1
+    assert_close_to_reference(merged, with_adapters, "merged vs adapters")
+
+    lora_lib.save_peft(tmp_path / "peft", config, lora, lc)
+    loaded, lc2 = lora_lib.load_peft(tmp_path / "peft", config)
+    assert lc2 == lc
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, lora)
+    merged_dir = loop.save_merged(tmp_path / "merged", config, lora_lib.merge(config, params, lora, lc))
+    config2, restored = gptoss_jax.load_model(merged_dir)
+    assert_close_to_reference(forward(restored, tokens), with_adapters, "merged checkpoint")
+
+
+@pytest.mark.reference
+def test_peft_loads_our_export_onto_transformers(tmp_path):
+    """Our PEFT files, loaded by peft onto transformers' GptOss, give our logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    golden = Golden("tiny-a")
+    config, params = golden.config, golden.params(np.float32)
+    lc = lora_lib.LoraConfig(rank=4, alpha=8.0, router=True)
+    lora = _random_adapters(config, lc, seed=3)
+    lora_lib.save_peft(tmp_path, config, lora, lc, base_model=str(golden.dir))
+    base = transformers.GptOssForCausalLM.from_pretrained(golden.dir, attn_implementation="eager",
+                                                          experts_implementation="eager", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    tokens = golden.outputs["tokens"][:, :24]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    ours = gptoss_jax.forward(config, params, jnp.asarray(tokens), lora=lora_lib.model_adapters(lora, lc))
+    assert_close_to_reference(ours, reference, "peft-loaded export")
+
+
+def _fixed_batch(config, rows=8, seq=16, accum=1, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, (accum, rows, seq + 1)).astype(np.int32)
+    weights = (rng.random((accum, rows, seq)) < 0.7).astype(np.float32)
+    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "weights": weights,
+            "positions": _positions(tokens[..., :-1])}
+
+
+def test_tiny_model_overfits_eight_examples():
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
+    # The final RMSNorm bounds |hidden| (and so the logit margin) at its scale * sqrt(hidden); with
+    # hidden 72 and a frozen scale near 1, p(target) tops out near 0.9 whatever the adapters do.
+    params["norm"]["scale"] = params["norm"]["scale"] * 2
+    batch = _fixed_batch(config)
+    batch["weights"] = np.ones_like(batch["weights"])
+    lc = lora_lib.LoraConfig(rank=8, alpha=16)
+    oc = step_lib.OptimConfig(learning_rate=1e-2, warmup_steps=5, total_steps=40, end_lr_ratio=0.1)
+    state = step_lib.init_state(config, lc, oc)
+    train_step = step_lib.make_train_step(config, params, lc, oc)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    losses = []
+    for _ in range(40):
+        state, metrics = train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 5 and losses[-1] < 0.05, losses[::5]
+    assert int(state["step"]) == 40
+    # base weights untouched, optimizer state only for the adapters
+    assert jax.tree.structure(state["opt"][1][0].mu) == jax.tree.structure(state["lora"])
+
+
+def test_data_parallel_and_accumulated_steps_match_one_device():
+    """data=8 (shard_map, psum) and 2 micro-batches of 4 give the one-device 1 x 8 step."""
+    from gptoss_jax.sharding import make_mesh
+
+    config = gptoss_jax.load_config("tiny-b")
+    params = gptoss_jax.init_params(config, seed=1, dtype=jnp.float32)
+    lc = lora_lib.LoraConfig(rank=4, alpha=8, router=True)
+    oc = step_lib.OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3)
+    batches = [_fixed_batch(config, rows=8, seq=12, seed=s) for s in range(3)]
+
+    def run(mesh, accum):
+        state = step_lib.init_state(config, lc, oc)
+        p = params
+        if mesh is not None:
+            state, p = step_lib.replicate(state, mesh), step_lib.replicate(params, mesh)
+        train_step = step_lib.make_train_step(config, p, lc, oc, mesh=mesh, remat="dots")
+        losses = []
+        for b in batches:
+            local = {k: v.reshape(accum, 8 // accum, *v.shape[2:]) for k, v in b.items()}
+            state, metrics = train_step(state, step_lib.shard_batch(local, mesh))
+            losses.append(float(metrics["loss"]))
+        return np.array(losses)
+
+    single = run(None, 1)
+    parallel = run(make_mesh("data=8"), 1)
+    accumulated = run(None, 2)
+    # (losses after updates: Adam's g / sqrt(v) turns rounding in near-zero gradients into whole
+    # steps of some adapter entries, so the adapters are not compared entry by entry)
+    np.testing.assert_allclose(parallel, single, rtol=1e-5)
+    np.testing.assert_allclose(accumulated, single, rtol=1e-5)
+
+
+def test_lora_dropout_on_attention_inputs():
+    """Dropout (attention adapters' inputs) changes the loss per key, and is off without a key."""
+    config = gptoss_jax.load_config("tiny-b")
+    params = gptoss_jax.init_params(config, seed=1, dtype=jnp.float32)
+    lc = lora_lib.LoraConfig(rank=4, alpha=8, dropout=0.5)
+    lora = _random_adapters(config, lc)
+    micro = {k: v[0] for k, v in _fixed_batch(config, rows=2, seq=12).items()}
+
+    @jax.jit
+    def loss(key):
+        adapters = lora_lib.model_adapters(lora, lc, key)
+        total, count = step_lib.loss_sums(config, params, adapters, micro)
+        return total / count
+
+    plain = step_lib.loss_fn(config, params, lora, lc, micro)
+    a, b = float(loss(jax.random.PRNGKey(0))), float(loss(jax.random.PRNGKey(1)))
+    assert a != b and a != float(plain) and float(loss(jax.random.PRNGKey(0))) == a
+    assert "dropout" not in lora_lib.model_adapters(lora, lc)["layers"]["full"]["attn"]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+CONVERSATION = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                             {"role": "assistant", "channel": "analysis", "content": "Simple sum."},
+                             {"role": "assistant", "channel": "final", "content": "4"}]}
+
+
+def test_data_masks_errors_truncation_and_host_slices(tmp_path):
+    from gptoss_jax import harmony
+    from gptoss_jax import tokenizer as tok
+
+    path = tmp_path / "data.jsonl"
+    long_text = "word " * 400
+    path.write_text("\n".join([json.dumps(CONVERSATION), "{not json", json.dumps({"text": long_text}),
+                               json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+                               json.dumps({"text": "short one"})]) + "\n")
+    reports = []
+    dataset = data_lib.Dataset(path, seq_len=64, vocab_size=201088, report=reports.append)
+    assert dataset.skipped == [2, 4] and len(dataset) == 3
+    assert ":2: not valid JSON" in reports[0] and ":4: no assistant message" in reports[1]
+    with pytest.raises(data_lib.DataError, match=r"data.jsonl:2: not valid JSON"):
+        data_lib.Dataset(path, seq_len=64, vocab_size=201088, on_error="stop")
+
+    enc = tok.get_encoding()
+    example = dataset.example(0)
+    messages = [harmony.Message(**m) for m in CONVERSATION["messages"]]
+    assert example.tokens == harmony.render_for_training(harmony.Conversation(messages), enc)
+    learned = enc.decode([t for t, m in zip(example.tokens, example.mask) if m])
+    assert learned == "<|channel|>final<|message|>4<|return|>"  # analysis dropped, prompt not learned
+    assert len(dataset.example(1).tokens) == 65 and dataset.truncated == 1
+
+    # each process's rows are its slice of the same global batch
+    whole = data_lib.Batches(dataset, batch_size=4, accumulation=2, seed=3).batch(5)
+    parts = [data_lib.Batches(dataset, batch_size=4, accumulation=2, seed=3, process_index=i,
+                              process_count=2).batch(5) for i in range(2)]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), whole[key])
+    row = whole["weights"][0, 0]
+    assert whole["positions"][0, 0][row == 0].size + row.sum() == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# the finetune command
+
+TINY_HARMONY_CONFIG = {  # tiny-a's shapes with the real vocabulary, so that harmony tokens fit
+    **json.loads((REPO / "configs" / "tiny-a.json").read_text()), "vocab_size": 201088, "hidden_size": 32,
+    "eos_token_id": 200002, "pad_token_id": 199999}
+
+
+def _write_run(tmp_path: Path, name: str, steps: int, **train) -> Path:
+    model_config = tmp_path / "tiny-harmony.json"
+    model_config.write_text(json.dumps(TINY_HARMONY_CONFIG))
+    data = tmp_path / "chats.jsonl"
+    if not data.exists():
+        lines = [json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
+                                          {"role": "assistant", "channel": "final", "content": f"{i * 7}"}]})
+                 for i in range(10)]
+        data.write_text("\n".join(lines[:4] + ['{"messages": 3}'] + lines[4:]) + "\n")
+    settings = {"steps": steps, "output_dir": str(tmp_path / name), "checkpoint_every": 2, "keep_checkpoints": 2,
+                "progress": False, "export": [], **train}
+    run = tmp_path / f"{name}.toml"
+    lines = ["[model]", f'path = "random:{model_config}"', 'dtype = "float32"', "[data]", f'path = "{data}"',
+             "seq_len = 48", "batch_size = 4", "[lora]", "rank = 4", "alpha = 8.0", "[optim]",
+             "learning_rate = 0.01", "warmup_steps = 2", "[train]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    run.write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
+    steps = 8
+    straight = loop.finetune(_write_run(tmp_path, "straight", steps, export=["peft", "merged"]))
+    assert len(straight["losses"]) == steps and straight["skipped_lines"] == [5]
+    out = Path(straight["output_dir"])
+    assert (out / "loss.png").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keeps the last 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and rows[0]["tokens"] > 0
+
+    run = _write_run(tmp_path, "killed", steps)
+    env = {**os.environ, loop.KILL_ENV: "5", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    killed = subprocess.run([sys.executable, "-m", "gptoss_jax.train.loop", "finetune", "--config", str(run)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with pytest.raises(FileExistsError, match="--resume"):
+        loop.finetune(run)
+    resumed = loop.finetune(run, resume=True)
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+
+
+def test_finetune_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
+    run = _write_run(tmp_path, "nan", 6, checkpoint_every=1)
+    run.write_text(run.read_text().replace("learning_rate = 0.01", "learning_rate = 1e30")
+                   .replace("warmup_steps = 2", "warmup_steps = 0"))
+    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 2; stopped\. Last good checkpoint: step 1 "):
+        loop.finetune(run)
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["1"]
