@@ -37,9 +37,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     mesh = None
     if args.mesh:
+        import jax
+
         from gptoss_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
+        jax.sharding.set_mesh(mesh)  # the model finds its mesh here (gptoss_jax.sharding)
     if args.model.startswith("random:"):
         import jax.numpy as jnp
 

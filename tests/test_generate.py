@@ -125,3 +125,15 @@ def test_bad_requests_get_clear_errors(tiny, prompts, kwargs, message):
     config, params = tiny
     with pytest.raises(ValueError, match=message):
         generate(config, params, prompts, **kwargs)
+
+
+def test_generation_on_a_mesh_equals_one_device():
+    from gptoss_jax.sharding import make_mesh
+
+    config = gptoss_jax.load_config("tiny-ep")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 10, 11]]
+    expected = generate(config, gptoss_jax.init_params(config, 0, jnp.float32), prompts, 12, stop_tokens=[])
+    mesh = make_mesh("expert=4,tensor=2")
+    params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
+    with jax.set_mesh(mesh):
+        assert generate(config, params, prompts, 12, stop_tokens=[]) == expected
