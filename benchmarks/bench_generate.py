@@ -11,19 +11,30 @@ One run measures, on `configs/bench.json` (8 layers, 32 experts top-4, vocab 201
    token must read (non-expert weights + 4 active experts per layer + unembedding + the KV cache at
    that context) / matvec bandwidth;
 3. batch-8 decode tokens/s (all rows together) of both;
-4. a 4096-token prefill (batch 1) of both: tokens/s and activation memory (peak RSS during the
-   prefill, sampled every 5 ms, minus the RSS just before it, after a warm-up at the same shapes);
-5. gptoss-jax alone: a 16384-token prompt then 64 decoded tokens, as `generate` runs it (compile
-   timed separately), with its time and peak RSS. transformers is not run there: its eager attention
-   materialises [heads, 16384, 16384] float32 scores per layer (16 GiB), more than this machine has.
+4. a 4096-token prefill (batch 1) of both: tokens/s and activation memory = peak RSS during the
+   prefill (a thread samples it every 5 ms) minus the RSS just before it, after a warm-up and a
+   `malloc_trim` (gptoss-jax: `generate.prefill` into an `init_cache` of 4096 slots, its executables
+   compiled ahead for those shapes and its first chunk run once, so no compilation is counted;
+   transformers: `model(input_ids, use_cache=True, logits_to_keep=1)` under `torch.no_grad()`, warmed
+   up on the first 512 tokens);
+5. gptoss-jax alone: a 16384-token prompt then 64 decoded tokens, run as `generate` runs them (its
+   power-of-two cache bucket included), compiled ahead and timed apart, with its time and peak RSS.
+   One run, not the best of 3: it takes about 5 minutes. transformers is not run there: its eager
+   attention materialises [heads, 16384, 16384] float32 scores per layer (16 GiB), more than this
+   machine has.
 
-Each side runs in its own child process (so that RSS is its own); each timing is the best of
+Each side runs in its own child process (so that the RSS is its own); each timing is the best of
 `--repeats` (3) runs. transformers runs with `attn_implementation="eager"`, float32, torch threads =
-2, and its default experts implementation (printed). The random weights come from
-`init_params(config, seed, float32)` -> `params_to_hf`, written once as .npy files (HF layout) under
---weights-dir and read back by both sides (`params_from_hf` for gptoss-jax, a strict
-`load_state_dict` for transformers). Prints a table and writes every figure as JSON (--json).
-`--quick` runs small shapes (a check of the script, < 2 minutes once the weights exist).
+2, its default experts implementation (printed) and OMP_WAIT_POLICY=PASSIVE (on a shared machine
+OpenMP's default spin-waiting made its timings stall for seconds at random). The random weights come
+from `init_params(config, seed, float32)` -> `params_to_hf`, written once as .npy files (HF layout)
+under --weights-dir and read back by both sides (`params_from_hf` for gptoss-jax, a strict
+`load_state_dict` for transformers); both sides' greedy tokens and last-token logits are compared.
+gptoss-jax runs with `jax_log_compiles` and the table says whether anything compiled during a timed
+run. Prints a table and writes every figure as JSON (--json). `--quick` runs small shapes (a check
+of the script, about 2 minutes once the weights exist). `--breakdown` also times gptoss-jax's pieces
+alone (attention layers, MoE layer, unembedding, whole step; `--skip jax,hf,long --breakdown` for
+only that). The full run takes 10 to 13 minutes on the 2-core machines, more when they are busy.
 """
 
 from __future__ import annotations
