@@ -281,7 +281,7 @@ def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
 
     run = _write_run(tmp_path, "killed", steps)
     env = {**os.environ, loop.KILL_ENV: "5", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
-    killed = subprocess.run([sys.executable, "-m", "gptoss_jax.train.loop", "finetune", "--config", str(run)],
+    killed = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "finetune", "--config", str(run)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with pytest.raises(FileExistsError, match="--resume"):

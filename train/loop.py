@@ -318,18 +318,3 @@ def add_finetune_command(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.set_defaults(run=cmd_finetune)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gptoss-jax")
-    add_finetune_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"gptoss-jax finetune: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
