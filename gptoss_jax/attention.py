@@ -1,5 +1,6 @@
 """Attention math shared by the forward pass, prefill and decode: YaRN rotary embeddings and
-softmax attention with a learned sink, masked by positions (causal, optional sliding window).
+softmax attention with a learned sink, masked by positions (causal, optional sliding window) and
+optionally by segment ids (examples packed in one row).
 
 Dimension letters: b batch, t query positions, s key positions, n query heads, k KV heads,
 g query heads per KV head, h head dim.
@@ -28,28 +29,39 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
 
 
-def visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
-    """Mask [b, t, s]: key j is visible to query i iff 0 <= pos_j <= pos_i (and pos_i - pos_j < window)."""
+def visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None,
+            q_segments: jax.Array | None = None, k_segments: jax.Array | None = None) -> jax.Array:
+    """Mask [b, t, s]: key j is visible to query i iff 0 <= pos_j <= pos_i (and pos_i - pos_j < window).
+
+    With segment ids q_segments [b, t] and k_segments [b, s] (int32; several examples packed in one
+    row, positions restarting at 0 in each), also only if seg_j == seg_i: no attention across examples.
+    """
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("visible: give both q_segments and k_segments, or neither")
     q, k = q_positions[:, :, None], k_positions[:, None, :]
     mask = (k <= q) & (k >= 0)
     if window is not None:
         mask &= q - k < window
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
     return mask
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positions: jax.Array,
-           k_positions: jax.Array, window: int | None) -> jax.Array:
+           k_positions: jax.Array, window: int | None, q_segments: jax.Array | None = None,
+           k_segments: jax.Array | None = None) -> jax.Array:
     """Softmax attention with a per-head sink logit; scores and softmax in float32.
 
     q [b, t, n, h]; k, v [b, s, k, h]; sinks [n]; q_positions [b, t]; k_positions [b, s] (negative:
-    an empty or padding slot) -> [b, t, n, h]. The sink joins the softmax's denominator only:
+    an empty or padding slot); optional q_segments [b, t], k_segments [b, s] (see `visible`) ->
+    [b, t, n, h]. The sink joins the softmax's denominator only:
     w_j = exp(s_j) / (sum_i exp(s_i) + exp(sink)), so a query may attend to nothing.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * h ** -0.5
-    mask = visible(q_positions, k_positions, window)[:, None, None]
+    mask = visible(q_positions, k_positions, window, q_segments, k_segments)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1, 1)
     top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)

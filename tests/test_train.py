@@ -1,5 +1,6 @@
 """LoRA fine-tuning: gradients vs transformers + peft, PEFT files, merge, overfitting, data-parallel
-and accumulated steps, the data pipeline, and the finetune command (kill and resume, NaN stop)."""
+and accumulated steps, the data pipeline, packing (per-example logits, loss and gradients, the loader),
+and the finetune command (kill and resume, NaN stop, packing resume)."""
 
 import json
 import os
@@ -242,6 +243,158 @@ def test_data_masks_errors_truncation_and_host_slices(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# packing several examples per row
+
+def _examples(lengths, seed=0, vocab=301):
+    """Random examples of the given token counts, each with a prompt (mask 0) then an answer (mask 1)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        prompt = int(rng.integers(1, n // 2))
+        out.append(data_lib.Example(rng.integers(0, vocab, n).tolist(), [0] * prompt + [1] * (n - prompt)))
+    return out
+
+
+def _assert_relative(actual, expected, rtol, what):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    error, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
+    assert error <= rtol * scale, f"{what}: max error {error:.3g} > {rtol} x {scale:.3g}"
+
+
+def test_packed_row_logits_equal_each_example_alone():
+    """Two rows of two examples each (15-30 tokens: longer than tiny-a's 12-token sliding window),
+    positions from 0 per example and segment ids: each example's logits equal its own forward's."""
+    config = gptoss_jax.load_config("tiny-a")
+    assert config.sliding_window == 12
+    params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
+    examples = _examples([16, 31, 20, 25])
+    rows = [examples[:2], examples[2:]]
+    packed = data_lib.fill_rows(rows, 64, segments=True)
+    forward = jax.jit(lambda tokens, positions=None, segments=None: gptoss_jax.forward(
+        config, params, tokens, positions, segments=segments))
+    logits = np.asarray(forward(packed["inputs"], packed["positions"], packed["segments"]))
+    unmasked = np.asarray(forward(packed["inputs"], packed["positions"]))
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.tokens) - 1
+            alone = forward(jnp.asarray([example.tokens[:-1]], jnp.int32))[0]
+            _assert_relative(logits[r, start:start + n], alone, 1e-5, f"row {r}, tokens {start}..{start + n}")
+            if start:  # without segment ids the second example would see the first
+                assert np.max(np.abs(unmasked[r, start:start + n] - alone)) > 0.1
+            start += n
+    assert np.isfinite(logits).all()  # padding queries attend to nothing: the sink keeps them finite
+
+
+def test_packed_batch_loss_and_lora_gradients_equal_padded():
+    """The same six examples packed three to a row, or padded one per row: equal loss (sum of
+    weighted token losses / sum of weights) and LoRA gradients (attention, experts, router)."""
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
+    lc = lora_lib.LoraConfig(rank=4, alpha=8.0, router=True)
+    lora = _random_adapters(config, lc)
+    examples = _examples([16, 31, 20, 25, 18, 29], seed=1)
+    packed = data_lib.fill_rows([examples[:3], examples[3:5], examples[5:]], 64, segments=True)
+    padded = data_lib.fill_rows([[e] for e in examples], 64)
+    assert packed["weights"].sum() == padded["weights"].sum() > 0
+
+    @jax.jit
+    def loss_and_grads(lora, micro):
+        return jax.value_and_grad(lambda a: step_lib.loss_fn(config, params, a, lc, micro, loss_chunk=64))(lora)
+
+    packed_loss, packed_grads = loss_and_grads(lora, packed)
+    padded_loss, padded_grads = loss_and_grads(lora, padded)
+    np.testing.assert_allclose(float(packed_loss), float(padded_loss), rtol=1e-5)
+    for path, grad in jax.tree_util.tree_leaves_with_path(padded_grads):
+        assert np.max(np.abs(grad)) > 0, path
+        _assert_relative(_tree_get(packed_grads, path), grad, 1e-5, jax.tree_util.keystr(path))
+
+
+def _tree_get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+PACKING_LINES = (
+    [{"messages": [{"role": "user", "content": f"Question {i}: " + "and more " * (i % 5 * 2)},
+                   {"role": "assistant", "channel": "final", "content": f"Answer {i * 7}" + " indeed" * (i % 3)}]}
+     for i in range(14)]
+    + [{"text": "a"}, {"text": "long " * 100}])
+
+
+def _check_packed_step(batches, step):
+    """Each row holds its plan's examples in order: tokens[:-1] as inputs, tokens[1:] as targets,
+    positions from 0, segment ids 1, 2, ..., the example's own mask[1:] as weights; then padding."""
+    batch, plan = batches.batch(step), batches.plan(step)
+    for r, indices in enumerate(plan):
+        micro, row = divmod(r, batches.batch_size)
+        got = {k: v[micro, row] for k, v in batch.items()}
+        start = 0
+        examples = [e for e in (batches.dataset.example(i) for i in indices) if len(e.tokens) > 1]
+        for segment, example in enumerate(examples, start=1):
+            n = len(example.tokens) - 1
+            span = slice(start, start + n)
+            np.testing.assert_array_equal(got["segments"][span], segment)
+            np.testing.assert_array_equal(got["positions"][span], np.arange(n))
+            np.testing.assert_array_equal(got["inputs"][span], example.tokens[:-1])
+            np.testing.assert_array_equal(got["targets"][span], example.tokens[1:])
+            np.testing.assert_array_equal(got["weights"][span], example.mask[1:])
+            start += n
+        assert (got["segments"][start:] == 0).all() and (got["positions"][start:] == -1).all()
+        assert (got["weights"][start:] == 0).all() and (got["inputs"][start:] == batches.pad_id).all()
+    return plan
+
+
+def test_packing_loader_is_deterministic_and_resumes_exactly(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in PACKING_LINES))
+    dataset = data_lib.Dataset(path, seq_len=64, vocab_size=201088)
+    settings = {"batch_size": 2, "accumulation": 2, "seed": 3, "pad_id": 199999}
+    batches = data_lib.Batches(dataset, packing=True, **settings)
+    plans = [_check_packed_step(batches, step) for step in range(6)]
+    assert dataset.truncated == 1
+    # the shuffled stream, in order (several epochs), nothing skipped or repeated
+    rows = [row for plan in plans for row in plan]
+    stream = data_lib.Batches(dataset, batch_size=1, seed=3)
+    assert [i for row in rows for i in row] == [stream.plan(p)[0][0] for p in range(batches.position(6))]
+    assert batches.position(6) > 6 * batches.rows_per_step  # more than one example per row
+    # greedy: each row is closed only when the next example does not fit
+    size = lambda i: max(len(dataset.example(i).tokens) - 1, 0)  # noqa: E731
+    for row, following in zip(rows, rows[1:]):
+        assert sum(map(size, row)) + size(following[0]) > 64
+
+    fresh = data_lib.Batches(dataset, packing=True, **settings)
+    resumed = data_lib.Batches(dataset, packing=True, **settings)
+    resumed.seek(3, batches.position(3))
+    for step in (3, 5, 4):
+        for other in (fresh, resumed):
+            assert other.plan(step) == plans[step]
+            jax.tree.map(np.testing.assert_array_equal, other.batch(step), batches.batch(step))
+    parts = [data_lib.Batches(dataset, packing=True, process_index=i, process_count=2, **settings).batch(4)
+             for i in range(2)]
+    for key, whole in batches.batch(4).items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), whole)
+    with pytest.raises(ValueError, match="does not match step 2"):
+        data_lib.Batches(dataset, **settings).seek(2, 9)
+
+
+def test_segments_with_a_kv_cache_are_an_error():
+    from gptoss_jax import attention, cache
+    from gptoss_jax.model import build
+
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+    kv_cache = cache.init_cache(config, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="segments .* not supported with a KV cache"):
+        build(config, params)(tokens, positions, kv_cache, segments=jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="both q_segments and k_segments"):
+        attention.visible(positions, positions, None, q_segments=jnp.ones((1, 4), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
 # the finetune command
 
 TINY_HARMONY_CONFIG = {  # tiny-a's shapes with the real vocabulary, so that harmony tokens fit
@@ -297,3 +450,31 @@ def test_finetune_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 2; stopped\. Last good checkpoint: step 1 "):
         loop.finetune(run)
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["1"]
+
+
+def test_finetune_with_packing_resumes_exactly(tmp_path):
+    """`packing = true`: the checkpointed data position (not steps x rows) restores the stream; a run
+    resumed from step 2 logs the uninterrupted run's losses. A non-boolean setting is an error."""
+    data = tmp_path / "texts.txt"
+    rng = np.random.default_rng(0)
+    data.write_text("".join("".join(rng.choice(list("abcdefgh "), n)) + "x\n" for n in rng.integers(8, 40, 15)))
+    run = tmp_path / "packed.toml"
+    run.write_text("\n".join([
+        "[model]", 'path = "random:tiny-a"', 'dtype = "float32"',
+        "[data]", f'path = "{data}"', 'tokenizer = "bytes"', "seq_len = 48", "batch_size = 2", "packing = true",
+        "[lora]", "rank = 4", "alpha = 8.0", "[optim]", "learning_rate = 0.01", "warmup_steps = 1",
+        "[train]", "steps = 4", f'output_dir = "{tmp_path / "out"}"', "checkpoint_every = 2", "progress = false",
+        "export = []"]) + "\n")
+    straight = loop.finetune(run)
+    dataset = data_lib.Dataset(data, seq_len=48, vocab_size=301, tokenizer="bytes")
+    assert data_lib.Batches(dataset, batch_size=2, packing=True).position(2) > 2 * 2  # packed: not steps x rows
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / "4")
+    resumed = loop.finetune(run, resume=True)
+    assert len(resumed["losses"]) == 4
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+
+    run.write_text(run.read_text().replace("packing = true", 'packing = "yes"'))
+    with pytest.raises(ValueError, match="packing must be true or false"):
+        loop.load_run_config(run)

@@ -19,8 +19,15 @@ number of examples consumed, and resuming anywhere reproduces the same batches. 
 micro-batch's rows are split evenly over processes (grain's `ShardByJaxProcess` in spirit); a
 process tokenizes only the examples of its own rows, lazily.
 
-Rows are padded to the sequence length (positions -1, weights 0). Packing several examples per row
-needs a segment mask in attention (`attention.visible`), which positions alone cannot express.
+Rows are padded to the sequence length (positions -1, weights 0), one example per row, or, with
+`packing`, filled greedily with whole examples in the same shuffled order (a row is closed when the
+next example does not fit; that example opens the next row, the next step's first row included).
+A packed row's examples have positions from 0 each and segment ids 1, 2, ... (0 on the padding at
+the row's end), so attention stays within each example (`attention.visible`); each example's inputs
+are its tokens[:-1] and its targets its tokens[1:], so no target crosses an example boundary, and
+the loss is the padded layout's, token for token. How many examples a packed step takes depends on
+their lengths: the data position of step s is found by packing steps 0..s-1 (or from a checkpoint's
+position, `Batches.seek`), and every process tokenizes every example of a step to place the rows.
 """
 
 from __future__ import annotations
@@ -173,23 +180,60 @@ class Dataset:
         return self._cache[index]
 
 
+def fill_rows(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0, *,
+              segments: bool = False) -> dict[str, np.ndarray]:
+    """Rows of examples -> numpy arrays [rows, seq_len]: `inputs` (each example's tokens[:-1], then
+    `pad_id`), `targets` (its tokens[1:]), `positions` (0.. per example, -1 on padding), `weights` (its
+    mask[1:]), and with `segments` also `segments` (1, 2, ... per non-empty example, 0 on padding).
+    Each row's examples must fit: sum(len(tokens) - 1) <= seq_len."""
+    shape = (len(rows), seq_len)
+    out = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.zeros(shape, np.int32),
+           "positions": np.full(shape, -1, np.int32), "weights": np.zeros(shape, np.float32)}
+    if segments:
+        out["segments"] = np.zeros(shape, np.int32)
+    for r, examples in enumerate(rows):
+        start, segment = 0, 0
+        for example in examples:
+            n = len(example.tokens) - 1
+            if n <= 0:
+                continue
+            end, segment = start + n, segment + 1
+            if end > seq_len:
+                raise ValueError(f"row {r}: its examples take {end} tokens, more than seq_len {seq_len}")
+            out["inputs"][r, start:end] = example.tokens[:-1]
+            out["targets"][r, start:end] = example.tokens[1:]
+            out["positions"][r, start:end] = np.arange(n)
+            out["weights"][r, start:end] = example.mask[1:]
+            if segments:
+                out["segments"][r, start:end] = segment
+            start = end
+    return out
+
+
 class Batches:
     """Step -> this process's rows of the global batch, as numpy arrays [accum, local batch, seq]:
-    `inputs`, `targets`, `positions` (-1 on padding), `weights` (1 on tokens the loss counts)."""
+    `inputs`, `targets`, `positions` (-1 on padding), `weights` (1 on tokens the loss counts), and
+    with `packing` `segments` (see `fill_rows`)."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, accumulation: int = 1, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, pad_id: int = 0):
+                 process_index: int = 0, process_count: int = 1, pad_id: int = 0, packing: bool = False):
         if batch_size % process_count:
             raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} processes")
         self.dataset, self.batch_size, self.accumulation, self.seed = dataset, batch_size, accumulation, seed
         self.local = batch_size // process_count
         self.first_row = process_index * self.local
-        self.pad_id = pad_id
+        self.pad_id, self.packing = pad_id, packing
         self._perms: dict[int, np.ndarray] = {}
+        self._starts: dict[int, int] = {0: 0}  # packing: step -> examples consumed before it
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.accumulation
 
     @property
     def examples_per_step(self) -> int:
-        return self.batch_size * self.accumulation
+        """Examples per step without packing (one per row); with packing it varies: see `position`."""
+        return self.rows_per_step
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.dataset))
@@ -197,21 +241,57 @@ class Batches:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))}
         return int(self._perms[epoch][offset])
 
+    def position(self, step: int) -> int:
+        """The data position before `step`: the number of examples the steps before it consumed."""
+        if not self.packing:
+            return step * self.examples_per_step
+        for s in range(max(s for s in self._starts if s <= step), step):
+            self._pack(s)
+        return self._starts[step]
+
+    def seek(self, step: int, position: int) -> None:
+        """Takes a checkpoint's data position for `step` (a resumed run), so that packing goes on from
+        there without repacking the steps before it."""
+        if not self.packing and position != self.position(step):
+            raise ValueError(f"data position {position} does not match step {step} "
+                             f"({self.position(step)} = step x {self.examples_per_step} examples)")
+        self._starts[step] = position
+
+    def _pack(self, step: int) -> list[list[int]]:
+        """The global rows of a packed step (dataset indices), greedily in stream order."""
+        position = self.position(step)
+        rows: list[list[int]] = [[]]
+        used = empty = 0
+        while True:
+            index = self._index(position)
+            n = max(len(self.dataset.example(index).tokens) - 1, 0)
+            if used + n > self.dataset.seq_len:  # does not fit: the row is done, the example opens the next
+                if len(rows) == self.rows_per_step:
+                    break
+                rows.append([])
+                used = 0
+                continue
+            empty = empty + 1 if n == 0 else 0
+            if empty > len(self.dataset):
+                raise DataError(f"{self.dataset.path}: no example has 2 tokens or more: nothing to learn")
+            rows[-1].append(index)
+            used += n
+            position += 1
+        self._starts[step + 1] = position
+        return rows
+
+    def plan(self, step: int) -> list[list[int]]:
+        """The dataset indices of each global row of `step` ([batch_size x accumulation] rows, in
+        order: micro-batch, then row); one per row without packing."""
+        if self.packing:
+            return self._pack(step)
+        start = self.position(step)
+        return [[self._index(start + row)] for row in range(self.rows_per_step)]
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        seq = self.dataset.seq_len
-        shape = (self.accumulation, self.local, seq)
-        out = {"inputs": np.full(shape, self.pad_id, np.int32), "targets": np.zeros(shape, np.int32),
-               "positions": np.full(shape, -1, np.int32), "weights": np.zeros(shape, np.float32)}
-        start = step * self.examples_per_step
-        for micro in range(self.accumulation):
-            for row in range(self.local):
-                position = start + micro * self.batch_size + self.first_row + row
-                example = self.dataset.example(self._index(position))
-                n = len(example.tokens) - 1
-                if n <= 0:
-                    continue
-                out["inputs"][micro, row, :n] = example.tokens[:-1]
-                out["targets"][micro, row, :n] = example.tokens[1:]
-                out["positions"][micro, row, :n] = np.arange(n)
-                out["weights"][micro, row, :n] = example.mask[1:]
-        return out
+        plan = self.plan(step)
+        mine = [plan[micro * self.batch_size + self.first_row + row]
+                for micro in range(self.accumulation) for row in range(self.local)]
+        rows = [[self.dataset.example(index) for index in row] for row in mine]
+        out = fill_rows(rows, self.dataset.seq_len, self.pad_id, segments=self.packing)
+        return {k: v.reshape(self.accumulation, self.local, -1) for k, v in out.items()}

@@ -2,9 +2,10 @@
 
 A run file (TOML) has sections `[model]` (path: an Orbax checkpoint from `convert`, a Hugging Face
 directory, or `random:CONFIG`; dtype), `[data]` (path, format, tokenizer, seq_len, batch_size: the
-global micro-batch, accumulation, seed, on_error), `[lora]` (`LoraConfig`), `[optim]`
-(`OptimConfig`) and `[train]` (steps, mesh, remat, loss_chunk, seed, output_dir, checkpoint_every,
-keep_checkpoints, export). See `configs/finetune-example.toml`.
+global micro-batch in rows, accumulation, seed, on_error, packing: several examples per row, see
+`data.Batches`), `[lora]` (`LoraConfig`), `[optim]` (`OptimConfig`) and `[train]` (steps, mesh,
+remat, loss_chunk, seed, output_dir, checkpoint_every, keep_checkpoints, export). See
+`configs/finetune-example.toml`.
 
 In `output_dir`: `checkpoints/` (Orbax CheckpointManager, asynchronous, the last
 `keep_checkpoints`: adapters, optimizer state, step, and the data position), `metrics.jsonl` (one
@@ -14,7 +15,8 @@ exports named in `train.export`: `peft` (adapter_config.json + adapter_model.saf
 (the merged model in Hugging Face safetensors, through `checkpoint.export_checkpoint`).
 
 `--resume` restores the latest checkpoint and continues; batches are a pure function of the step
-(`data.Batches`), so a run killed and resumed logs the same losses as one never interrupted. A NaN
+(`data.Batches`; with packing, of the step and the checkpointed data position), so a run killed and
+resumed logs the same losses as one never interrupted. A NaN
 or infinite loss stops the run with its step; the step's update is not applied and no checkpoint
 is written after it, so the last good checkpoint stays the latest.
 """
@@ -85,9 +87,12 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     if "path" not in model:
         raise ValueError(f"{path}: [model] needs path (checkpoint directory or random:CONFIG)")
     data = dict(raw.get("data", {}))
-    known_data = {"path", "format", "tokenizer", "seq_len", "batch_size", "accumulation", "seed", "on_error"}
+    known_data = {"path", "format", "tokenizer", "seq_len", "batch_size", "accumulation", "seed", "on_error",
+                  "packing"}
     if set(data) - known_data or "path" not in data:
         raise ValueError(f"{path}: [data] needs path; known keys {sorted(known_data)}, got {sorted(data)}")
+    if not isinstance(data.get("packing", False), bool):
+        raise ValueError(f"{path}: [data] packing must be true or false, got {data['packing']!r}")
     if not Path(data["path"]).exists() and (path.parent / data["path"]).exists():  # relative to the run file
         data["path"] = str(path.parent / data["path"])
     train = dict(raw.get("train", {}))
@@ -198,7 +203,8 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
     batches = data_lib.Batches(dataset, batch_size=int(d.get("batch_size", 8)),
                                accumulation=int(d.get("accumulation", 1)), seed=int(d.get("seed", 0)),
                                process_index=jax.process_index(), process_count=jax.process_count(),
-                               pad_id=config.pad_token_id if config.pad_token_id < config.vocab_size else 0)
+                               pad_id=config.pad_token_id if config.pad_token_id < config.vocab_size else 0,
+                               packing=d.get("packing", False))
 
     state = step_lib.init_state(config, run.lora, run.optim, t.seed)
     if mesh is not None:  # adapters and optimizer state are small: every device holds them whole
@@ -212,7 +218,10 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
                                   "pass --resume to continue, or choose another output_dir")
         start, state, position = _restore(manager, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
-        assert position["examples_consumed"] == start * batches.examples_per_step, position
+        if position.get("packing", False) != batches.packing:
+            raise ValueError(f"{out / 'checkpoints'}: written with packing = {position.get('packing', False)}, "
+                             f"resumed with packing = {batches.packing}: the data order would change")
+        batches.seek(start, position["examples_consumed"])
     rows = _read_metrics(metrics_path, start)
     if jax.process_index() == 0:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -237,7 +246,7 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
                 raise TrainingDiverged(f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good "
                                        f"checkpoint: step {manager.latest_step()} in {out / 'checkpoints'}")
             row = {"step": step + 1, "loss": metrics["loss"], "tokens": int(metrics["tokens"]),
-                   "tokens_per_s": float(batches.examples_per_step * dataset.seq_len / elapsed),
+                   "tokens_per_s": float(batches.rows_per_step * dataset.seq_len / elapsed),
                    "grad_norm": metrics["grad_norm"], "lr": metrics["lr"], "truncated": dataset.truncated}
             rows.append(row)
             if jax.process_index() == 0:
@@ -246,7 +255,8 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                _save(manager, step + 1, state, {"examples_consumed": (step + 1) * batches.examples_per_step})
+                _save(manager, step + 1, state, {"examples_consumed": batches.position(step + 1),
+                                                 "packing": batches.packing})
                 last_saved = step + 1
             if step + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)

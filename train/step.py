@@ -5,8 +5,10 @@
     state, metrics = train_step(state, batch)                        # state donated
 
 A batch is a dict of arrays with a leading gradient-accumulation axis:
-`inputs`, `targets`, `positions` int32 and `weights` float32, each [accum, batch, seq]. `weights` is
-1 on the tokens the loss counts (assistant tokens), 0 elsewhere; `positions` is -1 on padding. The
+`inputs`, `targets`, `positions` int32 and `weights` float32, each [accum, batch, seq], and with
+packed rows `segments` int32 (1, 2, ... per example in a row, 0 on padding; see `data.fill_rows`).
+`weights` is 1 on the tokens the loss counts (assistant tokens), 0 elsewhere; `positions` is -1 on
+padding (and restarts at 0 for each packed example). The
 loss is sum(weights * cross-entropy) / sum(weights) over the whole global batch (all micro-batches,
 all hosts), so accumulation and the number of hosts change nothing but rounding.
 
@@ -44,7 +46,7 @@ from gptoss_jax.train.lora import LoraConfig, init_lora, model_adapters
 
 Batch = dict[str, jax.Array]
 State = dict[str, Any]
-BATCH_KEYS = ("inputs", "targets", "positions", "weights")
+BATCH_KEYS = ("inputs", "targets", "positions", "weights")  # and optionally "segments" (packed rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +125,9 @@ def chunked_cross_entropy(hidden: jax.Array, unembed: jax.Array, targets: jax.Ar
 def loss_sums(config: Config, params: Params, adapters: Params | None, micro: Batch, *,
               remat: str | None = "full", loss_chunk: int = 128) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) of one micro-batch [b, t]; `adapters` as
-    `forward(..., lora=)` takes them (`lora.model_adapters`)."""
+    `forward(..., lora=)` takes them (`lora.model_adapters`); packed rows' `segments` go to attention."""
     model = model_lib.build(config, params)
-    x, _, _ = model(micro["inputs"], micro["positions"], lora=adapters, remat=remat)
+    x, _, _ = model(micro["inputs"], micro["positions"], lora=adapters, remat=remat, segments=micro.get("segments"))
     total = chunked_cross_entropy(x, params["unembed"], micro["targets"], micro["weights"], loss_chunk)
     return total, jnp.sum(micro["weights"].astype(jnp.float32))
 
