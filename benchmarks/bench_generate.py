@@ -405,7 +405,7 @@ def worker_jax_long(args: argparse.Namespace, sizes: dict) -> dict:
         start = time.perf_counter()
         tokens, count, cache = _decode_loop(config, sampling, new, params, cache, first, jnp.asarray(lengths),
                                             key, stops)
-        out["tokens"] = np.asarray(tokens)[0].tolist()
+        out["tokens"] = np.asarray(tokens)[0][: int(count[0])].tolist()
         out["decode_seconds"] = time.perf_counter() - start
         return out
 

@@ -3,6 +3,11 @@
 
 Every jitted function here takes and returns pytrees (params, cache, tokens, keys); nothing is
 mutated in place.
+
+Shapes are bucketed (`_bucket`), so that new prompt lengths and token budgets rarely mean new
+compilations: the cache and the decode loop's output buffer have a bucketed number of slots, and
+the loop's step limit is a traced argument. On a mesh set with `jax.set_mesh`, the cache is made
+directly in its sharding (`gptoss_jax.cache.CACHE_AXES`) and every step returns it in that sharding.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def extend(config: Config, params: Params, cache: kv_cache.Cache, tokens: jax.Ar
     """Runs tokens [b, t] at positions [b, t] (negative: padding) through the model, attending to and
     writing the cache (donated). Returns the final normed hidden float32 [b, t, d] and the cache."""
     x, _, cache = build(config, params)(tokens, positions, cache)
-    return x, cache
+    return x, kv_cache.constrain(cache)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -107,24 +112,26 @@ def _next_tokens(config: Config, sampling: Sampling, params: Params, cache: kv_c
     """One decode step: tokens [b] at positions [b] -> sampled next tokens [b] and the cache."""
     model = build(config, params)
     x, _, cache = model(tokens[:, None], positions[:, None], cache)
-    return sample(model.logits(x[:, 0]), key, sampling), cache
+    return sample(model.logits(x[:, 0]), key, sampling), kv_cache.constrain(cache)
 
 
 decode_step = jax.jit(_next_tokens, static_argnums=(0, 1), donate_argnums=3)
 """`decode_step(config, sampling, params, cache, tokens [b], positions [b], key) -> (next [b], cache)`."""
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def _decode_loop(config: Config, sampling: Sampling, max_new_tokens: int, params: Params, cache: kv_cache.Cache,
-                 first: jax.Array, lengths: jax.Array, key: jax.Array, stop_tokens: jax.Array
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
+def _decode_loop(config: Config, sampling: Sampling, max_new_tokens: jax.Array | int, params: Params,
+                 cache: kv_cache.Cache, first: jax.Array, lengths: jax.Array, key: jax.Array, stop_tokens: jax.Array
                  ) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
     """The whole generation after the first token in one `jax.lax.while_loop`.
 
-    Returns tokens int32 [b, max_new_tokens], the number generated per row [b] (stop token
-    included) and the cache (returned so that the donated one is updated in place).
+    `max_new_tokens` (int32 scalar, traced: one compilation per cache shape) must be at most the
+    full-attention layers' slots, `s`, which sizes the output buffer. Returns tokens int32 [b, s]
+    (row i: its first count[i] entries, the rest 0), the number generated per row count [b] (stop
+    token included) and the cache (returned so that the donated one is updated in place).
     """
     b = first.shape[0]
-    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((b, _output_slots(cache)), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_tokens)
     count = jnp.ones((b,), jnp.int32)
 
@@ -145,6 +152,11 @@ def _decode_loop(config: Config, sampling: Sampling, max_new_tokens: int, params
     return out, count, cache
 
 
+def _output_slots(cache: kv_cache.Cache) -> int:
+    """`_decode_loop`'s output buffer length: the full-attention slots (a bucket >= prompt + new)."""
+    return cache["full"]["positions"].shape[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Request:
     prompts: np.ndarray  # [b, L] right-padded
@@ -153,8 +165,22 @@ class _Request:
     stop_tokens: np.ndarray
 
 
-def _bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+BUCKET_POWERS_UP_TO = 4096
+"""`_bucket` rounds lengths up to a power of two up to here, and to a multiple of `BUCKET_STEP` above."""
+BUCKET_STEP = 2048
+
+
+def _bucket(n: int, limit: int | None = None) -> int:
+    """A length >= n from few possible values, so that shapes rarely change: the next power of two
+    (at least 16) up to 4096, then the next multiple of 2048 (a 16385-token cache takes 18432
+    slots, not 32768); at most `limit` (the context length) when given."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"a length to bucket must be an integer >= 1, got {n}")
+    if n <= BUCKET_POWERS_UP_TO:
+        size = max(16, 1 << (int(n) - 1).bit_length())
+    else:
+        size = -(-int(n) // BUCKET_STEP) * BUCKET_STEP
+    return size if limit is None else min(size, limit)
 
 
 def _validate(config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -180,19 +206,27 @@ def _validate(config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: 
     if max_len > config.max_positions:
         raise ValueError(f"prompt of {lengths.max()} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"of {config.max_positions} positions")
-    # Shapes rounded up to powers of two, so that new lengths rarely mean new compilations.
-    max_len = min(_bucket(max_len), config.max_positions)
-    padded = np.zeros((len(rows), _bucket(int(lengths.max()))), np.int32)
+    # Shapes rounded up to buckets, so that new lengths rarely mean new compilations.
+    max_len = _bucket(max_len, config.max_positions)
+    padded = np.zeros((len(rows), _bucket(int(lengths.max()), config.max_positions)), np.int32)
     for i, row in enumerate(rows):
         padded[i, : len(row)] = row
     stops = np.asarray(STOP_TOKENS if stop_tokens is None else list(stop_tokens), np.int32).reshape(-1)
     return _Request(padded, lengths, max_len, stops if stops.size else np.array([-1], np.int32))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def empty_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> kv_cache.Cache:
+    """`init_cache(config, batch, max_len, dtype)`, made directly in its sharding (each device
+    fills only its shards) when a `gptoss_jax.sharding` mesh is set with `jax.set_mesh`."""
+    return kv_cache.constrain(kv_cache.init_cache(config, batch, max_len, dtype))
+
+
 def _start(config: Config, params: Params, request: _Request, sampling: Sampling, key: jax.Array,
            prefill_chunk: int) -> tuple[jax.Array, kv_cache.Cache]:
+    """Prefills the request's prompts into a new cache: (first sampled tokens [b], the cache)."""
     dtype = params["embed"].dtype
-    cache = kv_cache.init_cache(config, len(request.lengths), request.max_len, dtype)
+    cache = empty_cache(config, len(request.lengths), request.max_len, dtype)
     logits, cache = prefill(config, params, cache, request.prompts, request.lengths, prefill_chunk)
     return sample(logits, jax.random.fold_in(key, 0), sampling), cache
 
@@ -210,8 +244,8 @@ def generate(config: Config, params: Params, prompts: Sequence[Sequence[int]], m
     request = _validate(config, prompts, max_new_tokens, stop_tokens)
     key = jax.random.key(seed)
     first, cache = _start(config, params, request, sampling, key, prefill_chunk)
-    out, count, _ = _decode_loop(config, sampling, int(max_new_tokens), params, cache, first,
-                              jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
+    out, count, _ = _decode_loop(config, sampling, jnp.int32(max_new_tokens), params, cache, first,
+                                 jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
     out, count = np.asarray(out), np.asarray(count)
     return [out[i, : count[i]].tolist() for i in range(len(count))]
 

@@ -8,7 +8,8 @@
 
 - `mesh.py`: mesh specs -> `jax.sharding.Mesh` with axes (data, fsdp, expert, tensor), Auto types.
 - `rules.py`: the one table from logical axis names to mesh axes, its collision check, the presets,
-  `param_shardings` / `partition_specs`, and `constrain` (the model's activation hook).
+  `param_shardings` / `partition_specs`, `cache_specs` (the KV cache), and `constrain` (the model's
+  activation hook).
 - `moe.py`: the experts in `jax.shard_map`: all-gather or ragged all-to-all exchange, grouped
   matmuls on the local experts, tensor parallelism over the expert intermediate dimension.
 
@@ -22,6 +23,7 @@ from gptoss_jax.sharding.rules import (
     PRESETS,
     RULES,
     activation_spec,
+    cache_specs,
     check_config,
     check_no_collision,
     constrain,
@@ -31,7 +33,7 @@ from gptoss_jax.sharding.rules import (
 )
 
 __all__ = [
-    "GOLDEN_PRESETS", "MESH_AXES", "PRESETS", "RULES", "activation_spec", "axis_sizes", "check_config",
-    "check_no_collision", "constrain", "describe", "make_mesh", "mesh_shape", "moe_strategy",
+    "GOLDEN_PRESETS", "MESH_AXES", "PRESETS", "RULES", "activation_spec", "axis_sizes", "cache_specs",
+    "check_config", "check_no_collision", "constrain", "describe", "make_mesh", "mesh_shape", "moe_strategy",
     "param_shardings", "parse_mesh_spec", "partition_specs", "weight_spec",
 ]

@@ -1,4 +1,8 @@
-"""Decoding against the full forward pass and against transformers' greedy `generate`."""
+"""Decoding against the full forward pass and against transformers' greedy `generate`; shape
+buckets and compilation reuse; the KV cache's sharding on a mesh."""
+
+import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,19 @@ from conftest import assert_close_to_reference
 
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
-from gptoss_jax.generate import Sampling, _logits, extend, generate, sample, stream_generate
+from gptoss_jax.generate import (
+    Sampling,
+    _bucket,
+    _decode_loop,
+    _logits,
+    _start,
+    _validate,
+    decode_step,
+    extend,
+    generate,
+    sample,
+    stream_generate,
+)
 
 
 def test_cached_decode_equals_full_forward_at_every_step(golden):
@@ -137,3 +153,84 @@ def test_generation_on_a_mesh_equals_one_device():
     params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
     with jax.set_mesh(mesh):
         assert generate(config, params, prompts, 12, stop_tokens=[]) == expected
+
+
+def test_bucket_sizes():
+    """Powers of two (at least 16) up to 4096, then multiples of 2048, capped by the context."""
+    cases = {1: 16, 16: 16, 17: 32, 100: 128, 2049: 4096, 4096: 4096, 4097: 6144, 6144: 6144, 6145: 8192,
+             16384: 16384, 16385: 18432, 100_000: 100_352, 131_072: 131_072}
+    assert {n: _bucket(n) for n in cases} == cases
+    assert _bucket(16385, limit=17000) == 17000 and _bucket(17, limit=512) == 32
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            _bucket(bad)
+
+
+def test_request_shapes_use_the_buckets():
+    """A 16k-token request gets an 18432-slot cache (not 32768); both shapes stop at the context."""
+    config = dataclasses.replace(gptoss_jax.load_config("tiny-a"), max_positions=20_000)
+    request = _validate(config, [[1] * 16_000, [2] * 9_000], 385, [])
+    assert request.max_len == 18_432 and request.prompts.shape == (2, 16_384)
+    assert request.lengths.tolist() == [16_000, 9_000] and not request.prompts[1, 9_000:].any()
+    near_the_end = _validate(config, [[1] * 19_000], 1000, [])
+    assert near_the_end.max_len == 20_000 and near_the_end.prompts.shape == (1, 20_000)
+    assert _validate(config, [[1] * 5], 40, []).max_len == 64
+
+
+def test_new_token_budgets_share_one_compilation(tiny):
+    """max_new_tokens is traced and the output buffer bucketed: 40 and 50 new tokens after prompts
+    of 5 and 3 tokens (one 64-slot cache) reuse one compiled decode loop, with the same tokens."""
+    config, params = tiny
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    forty = generate(config, params, prompts, 40, stop_tokens=[])
+    compiled = _decode_loop._cache_size()
+    fifty = generate(config, params, prompts, 50, stop_tokens=[])
+    assert _decode_loop._cache_size() == compiled, "a new max_new_tokens recompiled the decode loop"
+    assert [len(row) for row in forty] == [40, 40] and [len(row) for row in fifty] == [50, 50]
+    assert [row[:40] for row in fifty] == forty
+    steps = list(stream_generate(config, params, prompts, 50, stop_tokens=[]))
+    assert [[step[i] for step in steps] for i in range(2)] == fifty
+
+
+def _assert_cache_sharded(cache, mesh, expected, what):
+    for kind, leaves in cache.items():
+        for name, leaf in leaves.items():
+            want = jax.sharding.NamedSharding(mesh, expected[name])
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (what, kind, name, leaf.sharding.spec)
+
+
+@pytest.mark.parametrize("spec, devices", [("data=2,tensor=2", 4), ("data=2,expert=2,tensor=2", 8)])
+def test_cache_is_sharded_on_a_mesh(spec, devices):
+    """The cache is made in its sharding (batch over data, KV heads over tensor), keeps it through
+    prefill, the decode loop and a decode step, is never all-gathered, holds 1 / (data x tensor) of
+    its bytes per device, and the tokens equal one device's."""
+    from gptoss_jax.sharding import make_mesh
+
+    config = gptoss_jax.load_config("tiny-ep")  # 2 KV heads
+    prompts, new = [[1, 2, 3, 4, 5, 6, 7], [9, 10, 11]], 30  # a 64-slot cache; batch 2: not split over expert
+    expected_tokens = generate(config, gptoss_jax.init_params(config, 0, jnp.float32), prompts, new, stop_tokens=[])
+    mesh = make_mesh(spec, devices=jax.devices()[:devices])
+    params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
+    layout = {"k": jax.P(None, "data", None, "tensor", None), "v": jax.P(None, "data", None, "tensor", None),
+              "positions": jax.P("data", None)}
+    sampling, key = Sampling(), jax.random.key(0)
+    with jax.set_mesh(mesh):
+        request = _validate(config, prompts, new, [])
+        first, cache = _start(config, params, request, sampling, key, prefill_chunk=4)
+        _assert_cache_sharded(cache, mesh, layout, "after prefill")
+        device = mesh.devices.flat[0]
+        for kind, leaves in cache.items():
+            for name, leaf in leaves.items():
+                local = sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+                assert local == leaf.nbytes // (4 if name in ("k", "v") else 2), (spec, kind, name, local, leaf.nbytes)
+        args = (params, cache, first, jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
+        loop = _decode_loop.lower(config, sampling, jnp.int32(new), *args).compile()
+        gathered = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", loop.as_text())
+                    if str(request.max_len) in m.group(1).split(",")]
+        assert not gathered, f"{spec}: the decode loop all-gathers cache-sized arrays {gathered}"
+        out, count, cache = loop(jnp.int32(new), *args)
+        _assert_cache_sharded(cache, mesh, layout, "after the decode loop")
+        assert [out[i, :c].tolist() for i, c in enumerate(np.asarray(count))] == expected_tokens
+        if devices == 8:
+            _, cache = decode_step(config, sampling, params, cache, first, jnp.asarray(request.lengths + new), key)
+            _assert_cache_sharded(cache, mesh, layout, "after a decode step")

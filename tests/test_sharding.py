@@ -128,6 +128,33 @@ def test_shapes_that_do_not_divide_the_mesh_are_clear_errors():
     assert sharding.activation_spec(("batch",), (16,), sizes) == jax.P(("data", "expert"))
 
 
+def test_cache_specs_follow_the_rules():
+    """KV cache leaves (CACHE_AXES): batch as the activations' batch (the prefix of data, fsdp, expert
+    that divides), KV heads over tensor or replicated when tensor > KV heads, slots never split."""
+    from gptoss_jax import cache as kv_cache
+
+    assert sharding.RULES["cache_batch"] == sharding.RULES["batch"]
+    for axes in kv_cache.CACHE_AXES.values():
+        sharding.check_no_collision(axes)
+    config = gptoss_jax.load_config("gpt-oss-120b")  # 8 KV heads; shapes only, nothing allocated
+    data_expert, fsdp_expert = ("data", "expert"), ("fsdp", "expert")
+    for batch, mesh, want_kv, want_positions in [
+        (2, "data=2,expert=2,tensor=2", jax.P(None, "data", None, "tensor", None), jax.P("data", None)),
+        (8, "data=2,expert=2,tensor=2", jax.P(None, data_expert, None, "tensor", None), jax.P(data_expert, None)),
+        (1, "data=2,tensor=8", jax.P(None, None, None, "tensor", None), jax.P(None, None)),
+        (4, "data=2,tensor=16", jax.P(None, "data", None, None, None), jax.P("data", None)),  # KV heads replicated
+        (8, "fsdp=2,expert=4", jax.P(None, fsdp_expert, None, None, None), jax.P(fsdp_expert, None)),
+        (4, "fsdp=2,expert=4", jax.P(None, "fsdp", None, None, None), jax.P("fsdp", None)),  # 4 % 8: a prefix
+    ]:
+        specs = sharding.cache_specs(kv_cache.abstract_cache(config, batch, 1024), mesh)
+        assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, jax.P)) == jax.tree.structure(
+            kv_cache.abstract_cache(config, batch, 1024))
+        for kind in kv_cache.KINDS:
+            assert specs[kind] == {"k": want_kv, "v": want_kv, "positions": want_positions}, (batch, mesh, kind)
+    with pytest.raises(ValueError, match="not a KV cache"):
+        sharding.cache_specs({"k": jax.ShapeDtypeStruct((1,), jnp.float32)}, "tensor=2")
+
+
 def test_param_shardings_match_abstract_params():
     """The contract checkpoint.load_model relies on: the same tree as abstract_params, NamedShardings."""
     config, mesh = gptoss_jax.load_config("gpt-oss-20b"), sharding.make_mesh("expert=4,tensor=2")
