@@ -16,6 +16,7 @@ from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+EXPERT_FORMATS = ("dense", "mxfp4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Config:
     swiglu_limit: float = 7.0
     eos_token_id: int = 200002
     pad_token_id: int = 199999
+    expert_format: str = "dense"
+    """How the expert matrices are held: "dense" (the params' float dtype) or "mxfp4" (packed e2m1
+    blocks + e8m0 scales, as released, dequantized tile by tile inside the compiled model)."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -61,6 +65,11 @@ class Config:
             fail(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.experts_per_token > self.num_experts:
             fail(f"experts_per_token ({self.experts_per_token}) > num_experts ({self.num_experts})")
+        if self.expert_format not in EXPERT_FORMATS:
+            fail(f"expert_format must be one of {EXPERT_FORMATS}, got {self.expert_format!r}")
+        if self.expert_format == "mxfp4" and (self.hidden % 32 or self.intermediate % 32):
+            fail(f"mxfp4 experts need hidden ({self.hidden}) and intermediate ({self.intermediate}) to be "
+                 "multiples of the 32-value block")
         if len(self.layer_types) != self.num_layers:
             fail(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         expected = tuple((SLIDING, FULL)[i % 2] for i in range(self.num_layers))
@@ -176,6 +185,8 @@ def from_hf_dict(hf: dict[str, Any], name: str = "gpt-oss", source: str = "<dict
             swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
             eos_token_id=_first_id(hf.get("eos_token_id"), 200002),
             pad_token_id=_first_id(hf.get("pad_token_id"), 199999),
+            # not a transformers key: written by `convert --keep-mxfp4` into the converted config.json
+            expert_format=str(hf.get("expert_format", "dense")),
         )
     except KeyError as missing:
         raise ValueError(f"{source}: gpt-oss config is missing key {missing}") from None

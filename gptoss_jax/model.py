@@ -11,6 +11,7 @@ k KV heads, g query heads per KV head, h head dim, e experts, v vocabulary.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -49,12 +50,36 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return rules.constrain(x, axes)
 
 
+def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """einsum(spec, x, kernel) accumulated and returned in float32, x's leading axis a batch axis.
+
+    XLA:CPU runs a bfloat16 product with a single row ~12x slower than one with two rows (measured
+    here: 0.26 against 3.2 Gparam/s for the unembedding), so there a single row is duplicated."""
+    def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
+
+    x_spec, out_spec = spec.split(",")[0], spec.split("->")[1]
+    if x_spec.startswith("..."):  # "...d,vd->...v"
+        rows = x.size // x.shape[-1]
+    else:
+        rows = math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
+    if rows != 1 or x.dtype != jnp.bfloat16:
+        return plain(x, kernel)
+
+    def two_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return plain(jnp.concatenate([x, x]), kernel)[:1]
+
+    return jax.lax.platform_dependent(x, kernel, cpu=two_rows, default=plain)
+
+
 def _project(spec: str, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """einsum(spec, x, kernel) + bias, accumulated and returned in float32."""
-    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+    return _einsum(spec, x, kernel) + bias.astype(jnp.float32)
 
 
 EXPERT_MATRICES = ("gate_up", "down")
+"""The expert matrices (LoRA may adapt them per expert)."""
+STACKED_IN_PLACE = (*EXPERT_MATRICES, "gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales")
 """Weights that a scan over layers passes whole, with the layer index (see `moe.expert_matmul`)."""
 
 
@@ -81,6 +106,13 @@ def _lora_dropout(x: jax.Array, lora: Lora, index: int) -> jax.Array:
 
 def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _check_no_cache_with_segments(has_cache: bool, segments: jax.Array | None) -> None:
+    """Segment ids (packed training rows) work only without a KV cache: a cache's slots carry no segment."""
+    if has_cache and segments is not None:
+        raise ValueError("segments (packed examples) are not supported with a KV cache: pass segments only to "
+                         "a forward without a cache (training), or kv_cache only (generation)")
 
 
 class RMSNorm(nnx.Module):
@@ -115,13 +147,15 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                  window: int | None, kv: KV | None = None, view: CacheView | None = None,
-                 lora: Lora | None = None) -> tuple[jax.Array, KV | None]:
+                 lora: Lora | None = None, segments: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d].
 
         With a cache: `kv` holds this layer's cached {"k", "v"} [b, s, kv_heads, h] and `view` the
         slots' positions [b, s] and where the new tokens go [b, t]; the new tokens attend to the
         cached ones and to each other, and the updated `kv` is returned.
+        `segments` int32 [b, t] (no cache only): packed examples' ids; a token attends only within its own.
         """
+        _check_no_cache_with_segments(kv is not None, segments)
         dtype = self.q.dtype
         x = x.astype(dtype)
         q = _project("btd,dnh->btnh", x, self.q[...], self.q_bias[...])
@@ -137,7 +171,7 @@ class Attention(nnx.Module):
         q, k = attention.apply_rope(q, *rope).astype(dtype), attention.apply_rope(k, *rope).astype(dtype)
         v = v.astype(dtype)
         if kv is None:
-            out = attention.attend(q, k, v, self.sinks[...], positions, positions, window)
+            out = attention.attend(q, k, v, self.sinks[...], positions, positions, window, segments, segments)
         else:
             slot_positions, slots = view
             keys = jnp.concatenate([kv["k"].astype(dtype), k], axis=1)
@@ -151,6 +185,26 @@ class Attention(nnx.Module):
         return y, kv
 
 
+EXPERT_AXES = {"gate_up": ("experts", "embed", "expert_mlp"), "down": ("experts", "expert_mlp", "embed")}
+"""Logical axes of the dense expert matrices [e, in, out]."""
+MXFP4_EXPERT_AXES = {
+    "gate_up": {"blocks": ("experts", "expert_mlp", "mxfp4_bytes", "embed"), "scales": ("experts", "expert_mlp", "embed")},
+    "down": {"blocks": ("experts", "embed", "mxfp4_bytes", "expert_mlp"), "scales": ("experts", "embed", "expert_mlp")},
+}
+"""Logical axes of MXFP4 expert matrices: blocks [e, out, 16, in/32], scales [e, out, in/32] (see
+`gptoss_jax.mxfp4`); the blocks of `in` carry its logical name, so both formats shard alike."""
+
+
+def _mxfp4_weight(rngs: nnx.Rngs, experts: int, out: int, fan_in: int, axes: dict[str, tuple[str, ...]]
+                  ) -> tuple[nnx.Param, nnx.Param]:
+    """Declares one MXFP4 expert matrix: random codes, scales near fan_in ** -0.5 / rms(e2m1 codes)."""
+    groups = fan_in // 32
+    blocks = jax.random.randint(rngs.params(), (experts, out, 16, groups), 0, 256, jnp.int32).astype(jnp.uint8)
+    exponent = round(127 + math.log2(fan_in ** -0.5 / 2.93))  # 2.93: rms of the 16 e2m1 values
+    scales = exponent + jax.random.randint(rngs.params(), (experts, out, groups), -1, 2, jnp.int32)
+    return nnx.Param(blocks, axes=axes["blocks"]), nnx.Param(scales.astype(jnp.uint8), axes=axes["scales"])
+
+
 class MoE(nnx.Module):
     """Top-k router (top-k on logits, softmax over the k) and experts with clamped SwiGLU."""
 
@@ -160,13 +214,23 @@ class MoE(nnx.Module):
         self.router = _weight(rngs, (d, e), ("embed", "router_experts"), dtype, fan_in=d)
         self.router_bias = _weight(rngs, (e,), ("router_experts",), dtype, std=0.02)
         # gate_up columns interleave gate (even) and up (odd), as in the released checkpoints.
-        self.gate_up = _weight(rngs, (e, d, 2 * i), ("experts", "embed", "expert_mlp"), dtype, fan_in=d)
+        if config.expert_format == "mxfp4":
+            self.gate_up_blocks, self.gate_up_scales = _mxfp4_weight(rngs, e, 2 * i, d, MXFP4_EXPERT_AXES["gate_up"])
+            self.down_blocks, self.down_scales = _mxfp4_weight(rngs, e, d, i, MXFP4_EXPERT_AXES["down"])
+        else:
+            self.gate_up = _weight(rngs, (e, d, 2 * i), EXPERT_AXES["gate_up"], dtype, fan_in=d)
+            self.down = _weight(rngs, (e, i, d), EXPERT_AXES["down"], dtype, fan_in=i)
         self.gate_up_bias = _weight(rngs, (e, 2 * i), ("experts", "expert_mlp"), dtype, std=0.02)
-        self.down = _weight(rngs, (e, i, d), ("experts", "expert_mlp", "embed"), dtype, fan_in=i)
         self.down_bias = _weight(rngs, (e, d), ("experts", "embed"), dtype, std=0.02)
 
+    def _matrix(self, name: str) -> moe.ExpertMatrix:
+        """The expert matrix `name` as `moe.expert_matmul` takes it: an array, or MXFP4 {"blocks", "scales"}."""
+        if self.config.expert_format == "mxfp4":
+            return {"blocks": getattr(self, f"{name}_blocks")[...], "scales": getattr(self, f"{name}_scales")[...]}
+        return getattr(self, name)[...]
+
     def __call__(self, x: jax.Array, layer: jax.Array | None = None, lora: Lora | None = None) -> jax.Array:
-        """x [b, t, d] -> [b, t, d]. With `layer`, `gate_up` and `down` hold every layer's experts
+        """x [b, t, d] -> [b, t, d]. With `layer`, the expert matrices hold every layer's experts
         ([layers, e, ...], read in place) and `layer` says which to use. `lora` may adapt the router
         ([d, e] is small: merged) and the experts (per expert, inside the grouped matmul)."""
         lora = lora or {}
@@ -176,9 +240,10 @@ class MoE(nnx.Module):
         expert_ids, expert_weights = moe.route(x, router, self.router_bias[...],
                                                self.config.experts_per_token)
         expert_lora = {name: lora[name] for name in EXPERT_MATRICES if name in lora} or None
-        return moe.experts(x.astype(self.gate_up.dtype), expert_ids, expert_weights, self.gate_up[...], self.gate_up_bias[...],
-                           self.down[...], self.down_bias[...], alpha=self.config.swiglu_alpha,
-                           limit=self.config.swiglu_limit, layer=layer, lora=expert_lora)
+        return moe.experts(x.astype(self.gate_up_bias.dtype), expert_ids, expert_weights, self._matrix("gate_up"),
+                           self.gate_up_bias[...], self._matrix("down"), self.down_bias[...],
+                           alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit, layer=layer,
+                           lora=expert_lora)
 
 
 class Block(nnx.Module):
@@ -193,9 +258,11 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                  kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None,
-                 lora: Lora | None = None) -> tuple[jax.Array, KV | None]:
+                 lora: Lora | None = None, segments: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+        """x [b, t, d] -> ([b, t, d], updated kv); `segments` [b, t] as `Attention` takes them."""
         lora = lora or {}
-        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, lora.get("attn"))
+        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, lora.get("attn"),
+                                 segments)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x), layer, lora.get("mlp")), kv
 
@@ -209,14 +276,14 @@ class LayerPair(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                  kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None,
-                 layer: jax.Array | None = None, lora: Lora | None = None
+                 layer: jax.Array | None = None, lora: Lora | None = None, segments: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
         """Returns the output, both layers' outputs [2, b, t, d], and the pair's updated cache."""
         kv, views, lora = kv or {}, views or {}, lora or {}
         after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"), layer,
-                                                 lora.get("sliding"))
+                                                 lora.get("sliding"), segments)
         after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"), layer,
-                                        lora.get("full"))
+                                        lora.get("full"), segments)
         new_kv = {"sliding": sliding_kv, "full": full_kv} if kv else None
         return after_full, jnp.stack([after_sliding, after_full]), new_kv
 
@@ -239,14 +306,17 @@ class Transformer(nnx.Module):
         self.unembed = _weight(rngs, (v, d), ("vocab", "embed"), dtype, fan_in=d)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, kv_cache: cache.Cache | None = None,
-                 lora: Lora | None = None, remat: str | None = None
+                 lora: Lora | None = None, remat: str | None = None, segments: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, cache.Cache | None]:
         """tokens int32 [b, t] -> (final normed hidden float32 [b, t, d], each layer's output
         [layers, b, t, d], updated cache or None). `logits` maps the first to the vocabulary.
 
         `lora`: adapters {"layers": {"sliding" | "full": ...}} stacked like the layer params (see
         `Lora`). `remat`: rematerialize each layer pair in the backward pass: "full" saves only the
-        pair's input, "dots" also the matmul outputs (see `REMAT_POLICIES`)."""
+        pair's input, "dots" also the matmul outputs (see `REMAT_POLICIES`). `segments` int32 [b, t]
+        (without `kv_cache` only): ids of examples packed in one row, each with positions from 0;
+        tokens attend only within their own segment."""
+        _check_no_cache_with_segments(kv_cache is not None, segments)
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -269,9 +339,10 @@ class Transformer(nnx.Module):
             # copies any slice taken here, and those copies would cost more than the matmuls.
             index, pair_kv, pair_lora = index_and_kv
             params = jax.tree_util.tree_map_with_path(
-                lambda path, w: w if _key_name(path[-2]) in EXPERT_MATRICES else
+                lambda path, w: w if _key_name(path[-2]) in STACKED_IN_PLACE else
                 jax.lax.dynamic_index_in_dim(w, index, keepdims=False), pair_params)
-            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index, pair_lora)
+            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index, pair_lora,
+                                                               segments)
             return x, (hidden, pair_kv)
 
         if remat is not None:
@@ -287,8 +358,7 @@ class Transformer(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final normed hidden [..., d] -> float32 logits [..., vocab]."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.unembed.dtype), self.unembed[...],
-                          preferred_element_type=jnp.float32)
+        return _einsum("...d,vd->...v", x.astype(self.unembed.dtype), self.unembed[...])
 
 
 REMAT_POLICIES = {
@@ -311,14 +381,17 @@ def build(config: Config, params: Params) -> Transformer:
 
 
 def forward(config: Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
-            *, return_hidden: bool = False, lora: Lora | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+            *, segments: jax.Array | None = None, return_hidden: bool = False,
+            lora: Lora | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Logits float32 [b, t, vocab] for int32 `tokens` [b, t].
 
     `positions` [b, t] defaults to 0..t-1 per row; a negative position marks a padding token, which
-    no other token attends to. With `return_hidden`, also returns each layer's output [layers, b, t, d].
+    no other token attends to. `segments` int32 [b, t]: several examples packed in one row (ids 1, 2,
+    ..., positions restarting at 0 in each); a token attends only to its own example's tokens.
+    With `return_hidden`, also returns each layer's output [layers, b, t, d].
     `lora`: LoRA adapters applied on the fly (see `Lora`; `gptoss_jax.train.lora` makes them).
     """
     model = build(config, params)
-    x, hidden, _ = model(tokens, positions, lora=lora)
+    x, hidden, _ = model(tokens, positions, lora=lora, segments=segments)
     logits = model.logits(x)
     return (logits, hidden) if return_hidden else logits

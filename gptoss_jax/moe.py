@@ -15,6 +15,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax import mxfp4
+
+ExpertMatrix = jax.Array | dict[str, jax.Array]
+"""An expert matrix: dense [(layers,) g, in, out], or MXFP4 {"blocks" uint8 [(layers,) g, out, 16, in/32],
+"scales" uint8 [(layers,) g, out, in/32]} (see `gptoss_jax.mxfp4`)."""
+
 
 def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Router in float32: top-k on the logits, softmax over those k.
@@ -37,16 +43,21 @@ _SAVE_PRODUCTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 """In the backward pass of a tile: keep products, re-read the weight slice (never saved per tile)."""
 
 
-def expert_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None,
+def expert_matmul(x: jax.Array, weights: ExpertMatrix, group_sizes: jax.Array, layer: jax.Array | None = None,
                   lora: dict[str, jax.Array] | None = None, tile: int | None = None) -> jax.Array:
     """The one grouped matmul of the experts, used on one device and inside `sharding/`'s shard_map.
 
     Rows of x [rows, in] grouped consecutively (group_sizes [g]) times weights [g, in, out] (or
     [layers, g, in, out] and `layer`: a scan over layers then reads the weights in place, where a
     slice taken outside would be copied), plus (x @ a[g]) @ b[g] with a LoRA {"a" [g, in, r],
-    "b" [g, r, out]} -> float32 [rows, out], zero past the last group. `jax.lax.ragged_dot` (a
-    grouped GEMM) on GPU and TPU; on CPU, where XLA lowers ragged_dot to a masked dense product
-    ~30x slower, `_tiled_grouped_matmul`."""
+    "b" [g, r, out]} -> float32 [rows, out], zero past the last group.
+
+    Dense weights: `jax.lax.ragged_dot` (a grouped GEMM) on GPU and TPU; on CPU, where XLA lowers
+    ragged_dot to a masked dense product ~30x slower, `_tiled_grouped_matmul`. MXFP4 weights (a
+    dict, see `ExpertMatrix`): `_tiled_grouped_matmul` everywhere, which decodes only the experts
+    that have rows, a few output rows at a time (`mxfp4.matmul`), so no dense copy ever exists."""
+    if isinstance(weights, dict):
+        return _tiled_grouped_matmul(x, weights, group_sizes, layer=layer, tile=tile, lora=lora)
     cpu = functools.partial(_tiled_grouped_matmul, layer=layer, tile=tile, lora=lora)
     return jax.lax.platform_dependent(x, weights, group_sizes, cpu=cpu,
                                       default=functools.partial(_ragged_dot, layer=layer, lora=lora))
@@ -68,7 +79,7 @@ def tile_rows(rows_per_group: int) -> int:
     return int(min(128, max(8, 1 << max(0, math.ceil(math.log2(max(1, rows_per_group)))))))
 
 
-def _tiled_grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array,
+def _tiled_grouped_matmul(x: jax.Array, weights: ExpertMatrix, group_sizes: jax.Array,
                           layer: jax.Array | None = None, tile: int | None = None,
                           lora: dict[str, jax.Array] | None = None) -> jax.Array:
     """Grouped matmul that computes only the rows in groups (XLA:CPU lowers ragged_dot to a masked
@@ -78,7 +89,11 @@ def _tiled_grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Arr
     (static) worst-case tile count multiplies the used tiles by their group's weights and skips
     the rest. Differentiable (scan + cond), for fine-tuning.
     """
-    rows, (groups, _, columns) = x.shape[0], weights.shape[-3:]
+    quantized = isinstance(weights, dict)
+    if quantized:
+        rows, (groups, columns) = x.shape[0], weights["blocks"].shape[-4:-2]
+    else:
+        rows, (groups, _, columns) = x.shape[0], weights.shape[-3:]
     tile = tile or tile_rows(rows // groups)
     num_tiles = -(-rows // tile) + groups  # sum_g ceil(n_g / tile) <= rows / tile + groups
     ends = jnp.cumsum(group_sizes)
@@ -100,8 +115,21 @@ def _tiled_grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Arr
             return jax.lax.dynamic_index_in_dim(weights, g, keepdims=False)
         return jax.lax.dynamic_slice(weights, (layer, g, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
 
+    def weight_product(x_tile: jax.Array, g: jax.Array) -> jax.Array:
+        if quantized:
+            index = (g,) if layer is None else (layer, g)
+            return mxfp4.matmul(x_tile, weights["blocks"], weights["scales"], index)
+        return jnp.dot(x_tile, matrix(g), preferred_element_type=jnp.float32)
+
+    def weight_probe(g: jax.Array) -> jax.Array:  # one weight value, for typing the zero branch
+        if quantized:
+            scales = weights["scales"]
+            return jax.lax.dynamic_slice(scales, (*((layer,) if layer is not None else ()), g, 0, 0),
+                                         (1,) * scales.ndim).reshape(1, 1)
+        return matrix(g)[:1, :1]
+
     def product(x_tile: jax.Array, g: jax.Array) -> jax.Array:
-        y = jnp.dot(x_tile, matrix(g), preferred_element_type=jnp.float32)
+        y = weight_product(x_tile, g)
         if lora is not None:
             a, b = (jax.lax.dynamic_index_in_dim(lora[p], g, keepdims=False) for p in ("a", "b"))
             low = jnp.dot(x_tile.astype(a.dtype), a, preferred_element_type=jnp.float32)
@@ -109,7 +137,7 @@ def _tiled_grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Arr
         return y
 
     def typed_zeros(x_tile: jax.Array, g: jax.Array) -> jax.Array:  # [tile, columns], no matmul
-        factors = [x_tile[:, :1], matrix(g)[:1]] + ([lora["a"][g, :1, :1], lora["b"][g, :1, :1]] if lora else [])
+        factors = [x_tile[:, :1], weight_probe(g)] + ([lora["a"][g, :1, :1], lora["b"][g, :1, :1]] if lora else [])
         return functools.reduce(lambda acc, f: acc * (0 * f).astype(jnp.float32), factors,
                                 jnp.zeros((tile, columns), jnp.float32))
 
@@ -141,14 +169,15 @@ def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (up + 1)
 
 
-def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: jax.Array,
-            gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, *, alpha: float,
+def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: ExpertMatrix,
+            gate_up_bias: jax.Array, down: ExpertMatrix, down_bias: jax.Array, *, alpha: float,
             limit: float, layer: jax.Array | None = None, lora: dict[str, dict[str, jax.Array]] | None = None
             ) -> jax.Array:
     """Weighted sum of each token's routed experts.
 
     x [..., d]; expert_ids, expert_weights [..., k]; gate_up [e, d, 2i]; gate_up_bias [e, 2i];
-    down [e, i, d]; down_bias [e, d] -> float32 [..., d]. With `layer`, gate_up and down are the
+    down [e, i, d]; down_bias [e, d] -> float32 [..., d]. gate_up and down may be MXFP4 (see
+    `ExpertMatrix`). With `layer`, gate_up and down are the
     stacked [layers, e, ...] matrices of every layer (see `expert_matmul`).
 
     With a device mesh of `gptoss_jax.sharding` set (`jax.set_mesh`), the experts run expert- and
@@ -166,7 +195,7 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
                                        alpha=alpha, limit=limit, layer=layer, lora=lora)
             return sharded.experts(x, expert_ids, expert_weights, gate_up, gate_up_bias, down, down_bias,
                                    alpha=alpha, limit=limit, layer=layer)
-    shape, top_k, num_experts = x.shape, expert_ids.shape[-1], gate_up.shape[-3]
+    shape, top_k, num_experts = x.shape, expert_ids.shape[-1], gate_up_bias.shape[-2]
     tokens = x.reshape(-1, shape[-1])
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)  # assignments sorted by expert

@@ -70,6 +70,27 @@ def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16, mesh: 
     return jax.jit(make, out_shardings=param_shardings(config, mesh))()
 
 
+def dequantize_experts(config: Config, params: Params, dtype: Any = None) -> tuple[Config, Params]:
+    """(dense config, params) equal to MXFP4 `params` with every expert matrix decoded to the dense
+    layout in `dtype` (default: the expert biases' dtype); a dense config's params are returned as they are."""
+    if config.expert_format == "dense":
+        return config, params
+    from gptoss_jax import mxfp4
+
+    dense_config = dataclasses.replace(config, expert_format="dense")
+    flat, out = flatten(params), {}
+    for path, leaf in flat.items():
+        if path[-1].endswith("_scales"):
+            continue
+        if path[-1].endswith("_blocks"):
+            name = path[-1][: -len("_blocks")]
+            scales = flat[(*path[:-1], f"{name}_scales")]
+            leaf = mxfp4.dense_matrix(leaf, scales, dtype or flat[(*path[:-1], f"{name}_bias")].dtype)
+            path = (*path[:-1], name)
+        out[path] = leaf
+    return dense_config, unflatten(out)
+
+
 def flatten(params: Params) -> dict[Path, Any]:
     """{param path: leaf} for a params-shaped pytree (tuples, such as logical axes, are leaves)."""
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, tuple))[0]

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import moe as moe_lib
+from gptoss_jax.model import EXPERT_AXES, MXFP4_EXPERT_AXES
 from gptoss_jax.sharding import rules
 
 STRATEGIES = ("auto", "all_gather", "ragged_all_to_all", "dense")
@@ -125,8 +126,8 @@ def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -
     return ids.reshape(*shape[:-1], top_k), weights.reshape(*shape[:-1], top_k)
 
 
-def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: jax.Array,
-            gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, *, alpha: float,
+def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: moe_lib.ExpertMatrix,
+            gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, *, alpha: float,
             limit: float, layer: jax.Array | None = None, lora: dict[str, dict[str, jax.Array]] | None = None
             ) -> jax.Array:
     """Same contract as `gptoss_jax.moe.experts` (x [b, ..., d] -> float32 [b, ..., d]), sharded
@@ -149,9 +150,11 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     strategy = choose_strategy(tokens_per_device, over_expert, jax.default_backend(), _strategy.get())
 
     stacked = ("layers",) if layer is not None else ()
-    specs = [rules.weight_spec(axes, w.shape, sizes, what="expert weight") for axes, w in (
-        ((*stacked, "experts", "embed", "expert_mlp"), gate_up), (("experts", "expert_mlp"), gate_up_bias),
-        ((*stacked, "experts", "expert_mlp", "embed"), down), (("experts", "embed"), down_bias))]
+    if strategy == "dense" and isinstance(gate_up, dict):
+        raise ValueError("the 'dense' MoE strategy (a benchmark baseline) needs dense expert weights, not MXFP4")
+    specs = [matrix_specs(name, w, stacked, sizes) for name, w in (("gate_up", gate_up), ("down", down))]
+    specs = [specs[0], rules.weight_spec(("experts", "expert_mlp"), gate_up_bias.shape, sizes, what="expert bias"),
+             specs[1], rules.weight_spec(("experts", "embed"), down_bias.shape, sizes, what="expert bias")]
     body = functools.partial(_shard_body, sizes=sizes, strategy=strategy, token_axes=batch_axes,
                              alpha=alpha, limit=limit)
     layer = jnp.zeros((), jnp.int32) if layer is None else layer  # (a scalar whatever `stacked`)
@@ -164,6 +167,23 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     return out.reshape(shape)
 
 
+def _matrix_axes(name: str, weights: moe_lib.ExpertMatrix) -> Any:
+    """Logical axes of an expert matrix (dense, or MXFP4's {"blocks", "scales"}) as model.py declares them."""
+    return MXFP4_EXPERT_AXES[name] if isinstance(weights, dict) else EXPERT_AXES[name]
+
+
+def matrix_specs(name: str, weights: moe_lib.ExpertMatrix, stacked: tuple[str, ...], sizes: dict[str, int]) -> Any:
+    """PartitionSpec(s) of the expert matrix `name` ("gate_up" | "down"), shaped like `weights`."""
+    return jax.tree.map(lambda axes, w: rules.weight_spec((*stacked, *axes), w.shape, sizes, what=f"expert {name}"),
+                        _matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def _gather_embed(name: str, weights: moe_lib.ExpertMatrix) -> moe_lib.ExpertMatrix:
+    """FSDP: all-gather this layer's local expert matrix along its `embed` axis (whole rows)."""
+    return jax.tree.map(lambda axes, w: jax.lax.all_gather(w, "fsdp", axis=axes.index("embed"), tiled=True),
+                        _matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
+
+
 def _psum(x: jax.Array, axes: tuple[str, ...], sizes: dict[str, int]) -> jax.Array:
     axes = tuple(a for a in axes if sizes[a] > 1)
     return jax.lax.psum(x, axes) if axes else x
@@ -173,20 +193,21 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: jax.Array, gate_up_bias: jax.Array,
-                down: jax.Array, down_bias: jax.Array, layer: jax.Array, lora: dict[str, dict[str, jax.Array]],
+def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: moe_lib.ExpertMatrix,
+                gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array, lora: dict[str, dict[str, jax.Array]],
                 *, sizes: dict[str, int], strategy: str,
                 token_axes: tuple[str, ...], alpha: float, limit: float) -> jax.Array:
     """One device's MoE: x [b_local, t, d] -> float32 [b_local, t, d], already reduced."""
     shape, d, top_k = x.shape, x.shape[-1], ids.shape[-1]
     tokens, ids, gates = x.reshape(-1, d), ids.reshape(-1, top_k), gates.reshape(-1, top_k)
-    stacked = gate_up.ndim == 4
+    stacked = jax.tree.leaves(gate_up)[0].ndim > len(jax.tree.leaves(_matrix_axes("gate_up", gate_up),
+                                                                    is_leaf=lambda a: isinstance(a, tuple))[0])
     if stacked and (sizes["fsdp"] > 1 or strategy == "dense"):  # this layer's experts only
-        gate_up, down = (jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in (gate_up, down))
+        gate_up, down = (jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), m)
+                         for m in (gate_up, down))
         stacked = False
     if sizes["fsdp"] > 1:  # FSDP: whole rows of the local experts for this layer
-        gate_up = jax.lax.all_gather(gate_up, "fsdp", axis=1, tiled=True)
-        down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)
+        gate_up, down = _gather_embed("gate_up", gate_up), _gather_embed("down", down)
         down_bias = jax.lax.all_gather(down_bias, "fsdp", axis=1, tiled=True)
     local_experts = gate_up_bias.shape[0]
     # (axes of size 1 are left out of specs and collectives, so that nothing varies over them)
@@ -218,8 +239,8 @@ def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: jax.Arr
     return out.reshape(shape)
 
 
-def _expert_ffn(x_sorted: jax.Array, local_ids: jax.Array, group_sizes: jax.Array, *, gate_up: jax.Array,
-                gate_up_bias: jax.Array, down: jax.Array, down_bias: jax.Array, layer: jax.Array | None,
+def _expert_ffn(x_sorted: jax.Array, local_ids: jax.Array, group_sizes: jax.Array, *,
+                gate_up: moe_lib.ExpertMatrix, gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array | None,
                 tile: int, lora: dict[str, dict[str, jax.Array]], alpha: float, limit: float) -> jax.Array:
     """The local experts on rows sorted by local expert (group_sizes [local experts] rows each;
     rows past them are ignored) -> float32 [rows, d], as gptoss_jax.moe.experts computes them."""

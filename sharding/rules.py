@@ -6,6 +6,7 @@ activations through `constrain`. This file alone decides where they go on the me
     weights      embed -> fsdp, q_heads / kv_heads -> tensor, experts -> expert,
                  expert_mlp -> tensor, vocab -> tensor; head_dim, layers, router_experts unsplit
     activations  batch -> (data, fsdp, expert), seq / act_embed unsplit, act_vocab -> tensor
+    KV cache     cache_batch -> (data, fsdp, expert), cache_kv_heads -> tensor; slots unsplit
 
 Consequences, for a mesh expert=E x tensor=T: each device holds 1/(E*T) of the expert matrices,
 1/T of the attention weights and of the (un)embedding; attention runs tensor-parallel over heads
@@ -15,7 +16,8 @@ Weights must divide evenly (a clear ValueError otherwise), with one exception: `
 replicated when the tensor axis is larger than the number of KV heads (gpt-oss has 8: with
 tensor=16 each device keeps all 8 KV heads, as each query head still needs its KV head).
 Activation dimensions that do not divide (a decode batch of 1 on expert=8) take the longest prefix
-of their axes that does, and are replicated over the rest.
+of their axes that does, and are replicated over the rest. The KV cache follows the activation
+rule, so its KV heads are replicated when the tensor axis does not divide them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "experts": ("expert",),
     "router_experts": (),  # the router is tiny and every token needs all its logits: replicated
+    "mxfp4_bytes": (),  # the 16 bytes of an MXFP4 block (its blocks split along their own logical axis)
     "expert_mlp": ("tensor",),
     "vocab": ("tensor",),
     # LoRA adapters (sharding/moe.py's LORA_AXES): whole rows, small enough not to split over fsdp
@@ -49,6 +52,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "seq": (),
     "act_embed": (),
     "act_vocab": ("tensor",),
+    # the KV cache (cache.py's CACHE_AXES; `layers` and `head_dim` as above): the batch as the
+    # activations' batch and the KV heads as the K/V weights, so attention uses its shard in place
+    "cache_batch": ("data", "fsdp", "expert"),
+    "cache_slots": (),
+    "cache_kv_heads": ("tensor",),
 }
 """Logical axis -> mesh axes (in MESH_AXES order). A mesh axis of size 1 is left out of specs."""
 
@@ -149,6 +157,11 @@ def check_config(config: Config, sizes: Sizes) -> None:
         problems.append(f"vocab_size ({config.vocab_size}) % tensor ({t}) != 0")
     if config.hidden % f:
         problems.append(f"hidden ({config.hidden}) % fsdp ({f}) != 0")
+    if config.expert_format == "mxfp4":  # MXFP4 splits the contracted dimension in whole 32-value blocks
+        if (config.intermediate // 32) % t:
+            problems.append(f"MXFP4 blocks of intermediate ({config.intermediate // 32}) % tensor ({t}) != 0")
+        if (config.hidden // 32) % f:
+            problems.append(f"MXFP4 blocks of hidden ({config.hidden // 32}) % fsdp ({f}) != 0")
     if problems:
         mesh = ",".join(f"{a}={s}" for a, s in sizes.items() if s > 1)
         raise ValueError(f"config {config.name!r} does not fit mesh {mesh!r}: " + "; ".join(problems))
@@ -204,6 +217,29 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if sizes is None:
         return x
     return jax.lax.with_sharding_constraint(x, activation_spec(logical, x.shape, sizes))
+
+
+def cache_specs(cache: Any, mesh: Any) -> Any:
+    """Pytree of PartitionSpec shaped like `cache` (a KV cache of arrays or ShapeDtypeStructs, see
+    gptoss_jax/cache.py), each leaf split by `activation_spec` on its `CACHE_AXES`: the batch over
+    the longest prefix of (data, fsdp, expert) that divides it, KV heads over tensor when it divides
+    them (replicated otherwise). `mesh`: as for `partition_specs`."""
+    from gptoss_jax import cache as kv_cache
+
+    sizes = _sizes(mesh)
+    if set(cache) != set(kv_cache.KINDS):
+        raise ValueError(f"not a KV cache: top-level keys {sorted(cache)}, expected {list(kv_cache.KINDS)}")
+    return jax.tree.map(lambda axes, leaf: activation_spec(axes, leaf.shape, sizes), kv_cache.logical_axes(),
+                        cache, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def constrain_cache(cache: Any) -> Any:
+    """`cache` with each leaf constrained to `cache_specs` on the mesh in context; identity without
+    one of our meshes (gptoss_jax/cache.py's `constrain` calls this)."""
+    sizes = mesh_in_context()
+    if sizes is None:
+        return cache
+    return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_specs(cache, sizes))
 
 
 def spec_table(config: Config, mesh: Any) -> dict[str, list[str | list[str] | None]]:
