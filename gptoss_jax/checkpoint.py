@@ -2,10 +2,14 @@
 
 A converted checkpoint DST is a directory holding
 - `DST/config.json`: the model's Hugging Face config (`Config.to_hf_dict()`) plus `"dtype"`, the
-  dtype the weights were stored in (norm scales are always float32);
+  dtype the weights were stored in (norm scales are always float32), and `"expert_format": "mxfp4"`
+  for a checkpoint converted with `keep_mxfp4` (`--keep-mxfp4`);
 - `DST/params/`: an ordinary Orbax PyTree checkpoint (OCDBT + zarr, zstd) of the params pytree, paths
   as in `params.py`. Restore it with `ocp.StandardCheckpointer().restore(DST / "params", target)`
   where `target` holds `jax.ShapeDtypeStruct`s with shardings (`load_model` does exactly that).
+  With `keep_mxfp4`, each layer's experts are the uint8 params `gate_up_blocks` / `gate_up_scales` /
+  `down_blocks` / `down_scales` (the model's in-memory MXFP4 layout, see `gptoss_jax.mxfp4`: the
+  released bytes with a block's 16 bytes moved before the block index) instead of `gate_up` / `down`.
 
 Sources (`convert_checkpoint(SRC, ...)`, also accepted by `load_model` and `export_checkpoint`):
 - a Hugging Face directory: `config.json` + `model.safetensors`, or shards listed in
@@ -18,8 +22,9 @@ Sources (`convert_checkpoint(SRC, ...)`, also accepted by `load_model` and `expo
   `huggingface_hub.snapshot_download` (Hugging Face files only).
 
 Every source is read through one view, `SourceCheckpoint.read(hf_name, rows)`: the tensor that a
-dense Hugging Face checkpoint would hold under `hf_name`, rows `rows` of its first axis only. The map
-from there to param paths is `params.hf_tensor`.
+dense Hugging Face checkpoint would hold under `hf_name`, rows `rows` of its first axis only (and, for
+MXFP4 params, `SourceCheckpoint.read_mxfp4`: the stored bytes, or the dense weights quantized). The
+map from there to param paths is `params.hf_tensor`.
 
 Memory: conversion writes one zarr chunk at a time (one layer's slice, or one expert's matrix, or
 <= 128 MiB of rows of the embeddings), reading only the bytes it needs from the safetensors files
@@ -69,6 +74,9 @@ DEFAULT_MAX_SHARD_BYTES = 4 << 30
 """`export_checkpoint` starts a new safetensors file beyond this many bytes."""
 EXPERT_WEIGHTS = ("gate_up", "down")
 """Param names of the expert matrices, [pairs, E, in, out]: converted one expert at a time."""
+MXFP4_PARTS = ("blocks", "scales")
+"""With expert_format "mxfp4", expert matrix NAME is the uint8 params NAME_blocks [pairs, E, out, 16,
+in/32] and NAME_scales [pairs, E, out, in/32] (in-memory layout, see `gptoss_jax.mxfp4`)."""
 MXFP4_HF_NAMES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 """Hugging Face weights stored as `NAME_blocks` + `NAME_scales` in MXFP4 checkpoints."""
 MXFP4_QUANTIZATION_CONFIG = {
@@ -230,10 +238,32 @@ def _abstract_flat(config: Config, dtype: Any) -> dict[ParamPath, jax.ShapeDtype
     return flatten(abstract_params(config, dtype))
 
 
+def _mxfp4_leaf(path: ParamPath) -> tuple[str, str] | None:
+    """("gate_up", "blocks") for the path of param `gate_up_blocks` (etc.), None for any other param."""
+    matrix, _, part = path[-1].rpartition("_")
+    return (matrix, part) if path[0] == "layers" and matrix in EXPERT_WEIGHTS and part in MXFP4_PARTS else None
+
+
+def _mxfp4_path(path: ParamPath, part: str) -> ParamPath:
+    """The path of expert matrix `path`'s MXFP4 `part` ("blocks" or "scales")."""
+    return (*path[:-1], f"{path[-1]}_{part}")
+
+
+def _with_expert_format(config: Config, expert_format: str, where: Any) -> Config:
+    """`config` with `expert_format`; CheckpointError naming `where` when MXFP4 cannot hold its experts."""
+    if expert_format == "mxfp4" and (config.hidden % mxfp4.BLOCK_SIZE or config.intermediate % mxfp4.BLOCK_SIZE):
+        raise CheckpointError(
+            f"{where}: keep_mxfp4 (--keep-mxfp4) needs hidden_size ({config.hidden}) and intermediate_size "
+            f"({config.intermediate}) to be multiples of {mxfp4.BLOCK_SIZE}, the MXFP4 block size; keep the "
+            "experts dense (without keep_mxfp4) for this config")
+    return dataclasses.replace(config, expert_format=expert_format)
+
+
 @functools.lru_cache(maxsize=None)
 def _dense_hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """{HF name: shape} of every tensor of a dense Hugging Face checkpoint for `config`."""
-    abstract = _abstract_flat(config, jnp.float32)
+    """{HF name: shape} of every tensor of a dense Hugging Face checkpoint for `config` (whatever its
+    expert_format)."""
+    abstract = _abstract_flat(dataclasses.replace(config, expert_format="dense"), jnp.float32)
     shapes = {}
     for name in hf_names(config):
         entry = hf_tensor(config, name)
@@ -364,6 +394,17 @@ class SourceCheckpoint:
             return stored.read(slice(recipe.row_offset + start, recipe.row_offset + stop))
         return stored.read(rows)
 
+    def read_mxfp4(self, hf_name: str, part: str, rows: slice | None = None) -> np.ndarray:
+        """Rows `rows` (experts) of expert weight `hf_name` [E, in, out] as MXFP4 in the released layout:
+        `part` "blocks" uint8 [e, out, in/32, 16] or "scales" uint8 [e, out, in/32]. The stored bytes
+        of an MXFP4 checkpoint (copied, never dequantized); `mxfp4.quantize` of the dense weights
+        (transposed to [e, out, in]) otherwise."""
+        recipe = self.recipes[hf_name]
+        if recipe.scales is not None:
+            return self.tensors[recipe.stored if part == "blocks" else recipe.scales].read(rows)
+        blocks, scales = mxfp4.quantize(swap_last_axes(self.read(hf_name, rows)))
+        return blocks if part == "blocks" else scales
+
 
 def _dense_row_count(source: SourceCheckpoint, hf_name: str) -> int:
     return _dense_hf_shapes(source.config)[hf_name][0]
@@ -423,6 +464,7 @@ def open_source(src: str | os.PathLike) -> SourceCheckpoint:
     else:
         config = config_from_openai_dict(raw, name=name, source=str(config_path))
         quantized, layout, recipes = True, "openai", _openai_recipes(config)
+    config = dataclasses.replace(config, expert_format="dense")  # a source's config describes dense params
     _validate_tensors(directory, config, tensors, _expected_stored(config, recipes))
     return SourceCheckpoint(directory, config, layout, quantized, tensors, recipes)
 
@@ -499,11 +541,13 @@ class SourceParams:
     """Params read from a `SourceCheckpoint`, box by box, converted to `dtype` (norm scales: float32).
 
     Stacked weights are read one layer pair at a time; expert matrices [pairs, E, in, out] only for the
-    experts in the box; the embeddings only for the rows in the box.
+    experts in the box; the embeddings only for the rows in the box. With `expert_format` "mxfp4", the
+    experts are the uint8 MXFP4 params (`SourceCheckpoint.read_mxfp4`, relaid out), read likewise.
     """
 
-    def __init__(self, source: SourceCheckpoint, dtype: Any):
-        self.source, self.config = source, source.config
+    def __init__(self, source: SourceCheckpoint, dtype: Any, expert_format: str = "dense"):
+        self.source = source
+        self.config = _with_expert_format(source.config, expert_format, source.directory)
         self.abstract = _abstract_flat(self.config, np.dtype(dtype))
         self.names: dict[ParamPath, dict[int | None, str]] = collections.defaultdict(dict)
         for name in hf_names(self.config):
@@ -512,8 +556,13 @@ class SourceParams:
 
     def read_box(self, path: ParamPath, box: Box) -> np.ndarray:
         dtype = self.abstract[path].dtype
-        names = self.names[path]
-        if None in names:  # embed, unembed, final norm: HF layout == param layout
+        mxfp4_leaf = _mxfp4_leaf(path)
+        names = self.names[path if mxfp4_leaf is None else (*path[:-1], mxfp4_leaf[0])]
+        if mxfp4_leaf is not None:  # [pairs, E, out, 16, in/32] or [pairs, E, out, in/32]
+            part = mxfp4_leaf[1]
+            value = _stack([_released_box(self.source.read_mxfp4(names[p], part, rows=box[1]), part, box[2:])
+                            for p in range(box[0].start, box[0].stop)])
+        elif None in names:  # embed, unembed, final norm: HF layout == param layout
             value = self.source.read(names[None], rows=box[0], dtype=dtype)[(slice(None), *box[1:])]
         elif path[-1] in EXPERT_WEIGHTS:  # [pairs, E, in, out]; HF [E, in, out] per layer
             value = _stack([self.source.read(names[p], rows=box[1], dtype=dtype)[(slice(None), *box[2:])]
@@ -522,6 +571,14 @@ class SourceParams:
             value = _stack([hf_tensor(self.config, names[p]).to_param(self.source.read(names[p]))[box[1:]]
                             for p in range(box[0].start, box[0].stop)])
         return value.astype(dtype, copy=False)
+
+
+def _released_box(released: np.ndarray, part: str, box: Box) -> np.ndarray:
+    """MXFP4 `part` of some experts in the released layout (blocks [e, out, G, 16], scales [e, out, G])
+    -> `box` of its in-memory layout (blocks [e, out, 16, G], scales as released), all experts."""
+    if part == "blocks":
+        return mxfp4.from_released_layout(released[:, box[0], box[2], box[1]])
+    return released[(slice(None), *box)]
 
 
 def _stack(pieces: list[np.ndarray]) -> np.ndarray:
@@ -553,6 +610,39 @@ class OrbaxParams:
         return self.store(path)[box].read().result()
 
 
+class ExpertFormatView:
+    """The params of `base` with the experts in `expert_format`, one box of experts at a time: MXFP4
+    experts dequantized (`mxfp4.dequantize`, into `dtype`) to dense [pairs, E, in, out], or dense ones
+    quantized (`mxfp4.quantize`) to the MXFP4 params; every other param read from `base` as it is."""
+
+    def __init__(self, base: ParamReader, expert_format: str, dtype: Any = np.float32):
+        self.base, self.dtype = base, np.dtype(dtype)
+        self.config = _with_expert_format(base.config, expert_format, getattr(base, "directory", "checkpoint"))
+        self.base_shapes = {path: tuple(a.shape) for path, a in _abstract_flat(base.config, np.float32).items()}
+
+    def _whole(self, path: ParamPath, box: Box) -> Box:
+        """`box`'s layer pairs and experts, every index of the other axes of `base`'s param `path`."""
+        return (box[0], box[1], *(slice(0, d) for d in self.base_shapes[path][2:]))
+
+    def read_box(self, path: ParamPath, box: Box) -> np.ndarray:
+        if self.config.expert_format == self.base.config.expert_format:
+            return self.base.read_box(path, box)
+        mxfp4_leaf = _mxfp4_leaf(path)
+        if mxfp4_leaf is not None:  # dense base -> MXFP4
+            matrix, part = mxfp4_leaf
+            dense_path = (*path[:-1], matrix)
+            dense = self.base.read_box(dense_path, self._whole(dense_path, box))  # [p, e, in, out]
+            blocks, scales = mxfp4.quantize(swap_last_axes(dense))  # [p, e, out, G, 16], [p, e, out, G]
+            return _stack([_released_box(x, part, box[2:]) for x in (blocks if part == "blocks" else scales)])
+        if path[0] == "layers" and path[-1] in EXPERT_WEIGHTS:  # MXFP4 base -> dense
+            blocks_path, scales_path = _mxfp4_path(path, "blocks"), _mxfp4_path(path, "scales")
+            blocks = mxfp4.to_released_layout(self.base.read_box(blocks_path, self._whole(blocks_path, box)))
+            scales = self.base.read_box(scales_path, self._whole(scales_path, box))
+            values = mxfp4.dequantize(blocks, scales, self.dtype)  # [p, e, out, in]
+            return swap_last_axes(values[..., box[3], box[2]])
+        return self.base.read_box(path, box)
+
+
 def _converted_dtype(checkpoint: Path) -> np.dtype:
     return np.dtype(_read_json(checkpoint / CONFIG_FILE).get("dtype", "bfloat16"))
 
@@ -561,13 +651,17 @@ def _is_converted(path: Path) -> bool:
     return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def open_params(path: str | os.PathLike, dtype: Any = None) -> ParamReader:
+def open_params(path: str | os.PathLike, dtype: Any = None, expert_format: str | None = None) -> ParamReader:
     """A reader for a converted checkpoint (dtype as stored) or any source `convert_checkpoint` takes
-    (dtype `dtype`, default float32)."""
+    (dtype `dtype`, default float32). Experts as stored (sources: dense) unless `expert_format` says
+    otherwise (then converted through `ExpertFormatView`, or copied from an MXFP4 source's bytes)."""
     path = Path(path)
     if _is_converted(path):
-        return OrbaxParams(path, load_config(path))
-    return SourceParams(open_source(path), np.float32 if dtype is None else dtype)
+        reader = OrbaxParams(path, load_config(path))
+        if expert_format in (None, reader.config.expert_format):
+            return reader
+        return ExpertFormatView(reader, expert_format, _converted_dtype(path) if dtype is None else dtype)
+    return SourceParams(open_source(path), np.float32 if dtype is None else dtype, expert_format or "dense")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +736,7 @@ class _StreamedLeaf:
         """Axes stored one index per chunk: the layer-pair axis, and the expert axis of expert matrices."""
         if self.path[0] != "layers":
             return ()
-        return (0, 1) if self.path[-1] in EXPERT_WEIGHTS else (0,)
+        return (0, 1) if self.path[-1] in EXPERT_WEIGHTS or _mxfp4_leaf(self.path) else (0,)
 
 
 def _write_chunk(store: ts.TensorStore, box: Box, value: np.ndarray) -> ts.Future:
@@ -706,18 +800,26 @@ def _save_streamed(directory: Path, reader: ParamReader, dtype: np.dtype, progre
 
 
 def converted_config_dict(config: Config, dtype: Any) -> dict[str, Any]:
-    """The config.json of a converted checkpoint: HF keys plus the params' storage dtype."""
-    return {**config.to_hf_dict(), "dtype": _dtype_name(dtype)}
+    """The config.json of a converted checkpoint: HF keys plus the params' storage dtype (and
+    `expert_format` when the experts are not dense)."""
+    extra = {"expert_format": config.expert_format} if config.expert_format != "dense" else {}
+    return {**config.to_hf_dict(), "dtype": _dtype_name(dtype), **extra}
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = jnp.bfloat16,
-                       force: bool = False, progress: bool = True) -> Path:
+                       force: bool = False, progress: bool = True, *, keep_mxfp4: bool = False) -> Path:
     """Converts a Hugging Face / OpenAI gpt-oss checkpoint (directory or Hub id) to DST (see module doc).
 
     Streaming (peak memory a few chunks of <= 128 MiB), with a tqdm bar in bytes. Atomic: written to a
     temporary directory beside DST and renamed when complete; a failed conversion leaves no DST, and an
     existing DST is replaced only with `force` and only by a complete checkpoint. Weights are stored in
     `dtype` (float32, bfloat16 or float16), norm scales in float32. Returns DST.
+
+    `keep_mxfp4` (`--keep-mxfp4`): the experts stay MXFP4, as the uint8 params `*_blocks` / `*_scales`
+    (config.json says `"expert_format": "mxfp4"`; `load_model` gives a model that runs on them). From
+    an MXFP4 source their bytes are copied (relaid out, never dequantized); from a dense source the
+    weights are quantized with `mxfp4.quantize` (lossy: values rounded to e2m1 with a shared power-of-
+    two scale per 32). Needs hidden and intermediate sizes that are multiples of 32.
 
     Raises CheckpointError (a ValueError naming the file and tensor) for a bad source or a failed write
     (e.g. a full disk), FileExistsError when DST exists and not `force`.
@@ -726,11 +828,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: An
     dst = Path(dst).expanduser().absolute()
     _check_destination(Path(src).expanduser(), dst, force)
     source = open_source(src)
-    reader = SourceParams(source, dtype)
+    reader = SourceParams(source, dtype, "mxfp4" if keep_mxfp4 else "dense")
     with _atomic_directory(dst, force) as tmp:
         try:
             _save_streamed(tmp / PARAMS_DIR, reader, dtype, progress, desc=f"convert {source.directory.name}")
-            _write_json(tmp / CONFIG_FILE, converted_config_dict(source.config, dtype))
+            _write_json(tmp / CONFIG_FILE, converted_config_dict(reader.config, dtype))
         except CheckpointError:
             raise
         except Exception as err:
@@ -753,7 +855,7 @@ def _describe(err: BaseException) -> str:
 # load_model
 
 def load_model(dst: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None, *,
-               shardings: Params | None = None) -> tuple[Config, Params]:
+               shardings: Params | None = None, keep_mxfp4: bool | None = None) -> tuple[Config, Params]:
     """(config, params) from a converted checkpoint, restored straight into their shardings.
 
     `dst` is a converted checkpoint (Orbax restore into `jax.ShapeDtypeStruct` targets; `dtype` None
@@ -762,24 +864,37 @@ def load_model(dst: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dt
     files (MXFP4 dequantized) by `jax.make_array_from_callback`; `dtype` None means bfloat16 then.
     Norm scales are always float32.
 
+    Experts: `keep_mxfp4` None keeps them as the checkpoint holds them (a converted checkpoint: dense
+    or MXFP4 as its config.json says; a source: dense). True gives MXFP4 params (`config.expert_format`
+    "mxfp4"; uint8 `*_blocks` / `*_scales`, never cast to `dtype`): an MXFP4 source's bytes copied as
+    `convert_checkpoint(keep_mxfp4=True)` would store them, dense weights quantized. False gives dense
+    experts in `dtype`, MXFP4 ones dequantized on load.
+
     Shardings: `shardings` (a pytree of `jax.sharding.Sharding` shaped like the params) when given;
     else `gptoss_jax.sharding.param_shardings(config, mesh)` with a `mesh`; else all on one device.
     """
     path = Path(dst).expanduser()
-    if _is_converted(path):
-        config = load_config(path)
+    converted = _is_converted(path)
+    if converted:
+        stored_config = load_config(path)
         dtype = _check_float_dtype(_converted_dtype(path) if dtype is None else dtype)
     else:
         source = open_source(path)
-        config, dtype = source.config, _check_float_dtype(jnp.bfloat16 if dtype is None else dtype)
+        stored_config, dtype = source.config, _check_float_dtype(jnp.bfloat16 if dtype is None else dtype)
+    expert_format = stored_config.expert_format if keep_mxfp4 is None else ("mxfp4" if keep_mxfp4 else "dense")
+    config = _with_expert_format(stored_config, expert_format, path)
     abstract = abstract_params(config, dtype)
     target_shardings = _param_shardings(config, abstract, mesh, shardings)
-    if _is_converted(path):
+    if converted and expert_format == stored_config.expert_format:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, target_shardings)
         with ocp.StandardCheckpointer() as checkpointer:
             return config, checkpointer.restore((path / PARAMS_DIR).absolute(), target)
-    return config, _load_from_reader(SourceParams(source, dtype), abstract, target_shardings)
+    if converted:  # experts converted on the fly, from tensorstore reads of the Orbax checkpoint
+        reader: ParamReader = ExpertFormatView(OrbaxParams(path, stored_config), expert_format, dtype)
+    else:
+        reader = SourceParams(source, dtype, expert_format)
+    return config, _load_from_reader(reader, abstract, target_shardings)
 
 
 def _param_shardings(config: Config, abstract: Params, mesh: jax.sharding.Mesh | None,
@@ -801,7 +916,8 @@ def _load_from_reader(reader: ParamReader, abstract: Params, shardings: Params) 
     def load(path: ParamPath, target: jax.ShapeDtypeStruct) -> jax.Array:
         shape = tuple(target.shape)
         return jax.make_array_from_callback(
-            shape, flat_shardings[path], lambda index: reader.read_box(path, _normalize_box(index, shape)))
+            shape, flat_shardings[path],
+            lambda index: reader.read_box(path, _normalize_box(index, shape)).astype(target.dtype, copy=False))
 
     return unflatten({path: load(path, target) for path, target in flatten(abstract).items()})
 
@@ -824,12 +940,15 @@ class OutTensor:
 
 
 def _export_plan(reader: ParamReader, dtype: np.dtype, quantize: bool) -> list[OutTensor]:
-    """Every tensor of the exported checkpoint, in Hugging Face order (MXFP4: blocks, then scales)."""
+    """Every tensor of the exported checkpoint, in Hugging Face order (MXFP4: blocks, then scales).
+    `reader`'s experts must be dense unless `quantize` (MXFP4 ones are then written as they are)."""
     config = reader.config
     plan = []
     for name, shape in _dense_hf_shapes(config).items():
         entry = hf_tensor(config, name)
-        if quantize and name.endswith(MXFP4_HF_NAMES):
+        if quantize and name.endswith(MXFP4_HF_NAMES) and config.expert_format == "mxfp4":
+            plan.extend(_mxfp4_copied_tensors(reader, name, entry.path, entry.layer_pair, shape))
+        elif quantize and name.endswith(MXFP4_HF_NAMES):
             plan.extend(_mxfp4_out_tensors(reader, name, entry.path, entry.layer_pair, shape))
         elif entry.layer_pair is None:
             plan.append(OutTensor(name, dtype, shape, functools.partial(_global_chunks, reader, entry.path,
@@ -897,6 +1016,25 @@ def _mxfp4_out_tensors(reader: ParamReader, name: str, path: ParamPath, pair: in
     u8 = np.dtype(np.uint8)
     return [OutTensor(f"{name}_blocks", u8, blocks_shape, blocks),
             OutTensor(f"{name}_scales", u8, scales_shape, scales)]
+
+
+def _mxfp4_copied_tensors(reader: ParamReader, name: str, path: ParamPath, pair: int, shape: tuple[int, ...]
+                          ) -> list[OutTensor]:
+    """`NAME_blocks` and `NAME_scales` of one layer's MXFP4 expert weight, one expert at a time, the
+    params' bytes as they are (blocks back in the released layout)."""
+    blocks_shape, scales_shape = _mxfp4_shapes(shape)
+
+    def chunks(part: str) -> Iterator[np.ndarray]:
+        part_path = _mxfp4_path(path, part)
+        leaf_shape = _abstract_flat(reader.config, np.float32)[part_path].shape[1:]
+        for expert in range(shape[0]):
+            box = (slice(pair, pair + 1), slice(expert, expert + 1), *(slice(0, d) for d in leaf_shape[1:]))
+            value = reader.read_box(part_path, box)[0, 0]
+            yield mxfp4.to_released_layout(value) if part == "blocks" else value
+
+    u8 = np.dtype(np.uint8)
+    return [OutTensor(f"{name}_blocks", u8, blocks_shape, functools.partial(chunks, "blocks")),
+            OutTensor(f"{name}_scales", u8, scales_shape, functools.partial(chunks, "scales"))]
 
 
 def _group_into_files(plan: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -992,14 +1130,20 @@ def export_checkpoint(dst: str | os.PathLike, out: str | os.PathLike, mxfp4: boo
     """Writes the checkpoint `dst` (converted, or any source `convert_checkpoint` takes) to OUT in
     Hugging Face layout: config.json + `model.safetensors`, or `model-0000i-of-0000n.safetensors` files
     of <= `max_shard_bytes` with `model.safetensors.index.json`. Weights in `dtype` (bfloat16 by
-    default); with `mxfp4`, the expert matrices re-quantized to MXFP4 (`*_blocks` / `*_scales`, and
-    quantization_config in config.json). Streaming (one expert / layer / row chunk at a time) and atomic
-    like `convert_checkpoint`. Returns OUT.
+    default); with `mxfp4`, the expert matrices as MXFP4 (`*_blocks` / `*_scales`, and
+    quantization_config in config.json): MXFP4 experts (a `--keep-mxfp4` checkpoint, an MXFP4 source)
+    written byte for byte as they are, dense ones quantized. Without `mxfp4`, MXFP4 experts are
+    dequantized to dense. Streaming (one expert / layer / row chunk at a time) and atomic like
+    `convert_checkpoint`. Returns OUT.
     """
     dtype = _check_float_dtype(dtype)
     out = Path(out).expanduser().absolute()
     _check_destination(Path(dst).expanduser(), out, force)
     reader = open_params(dst)
+    if mxfp4 and isinstance(reader, SourceParams) and reader.source.quantized:
+        reader = SourceParams(reader.source, np.float32, "mxfp4")  # copy the source's bytes
+    elif not mxfp4 and reader.config.expert_format == "mxfp4":
+        reader = ExpertFormatView(reader, "dense", dtype)
     plan = _export_plan(reader, dtype, mxfp4)
     total = sum(t.nbytes for t in plan)
     with _atomic_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,

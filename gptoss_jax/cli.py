@@ -154,13 +154,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from gptoss_jax.checkpoint import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.dst, dtype=jnp.dtype(args.dtype), force=args.force)
+    out = convert_checkpoint(args.src, args.dst, dtype=jnp.dtype(args.dtype), force=args.force,
+                             keep_mxfp4=args.keep_mxfp4)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Orbax checkpoint -> Hugging Face safetensors + config.json (bf16, or MXFP4 experts)."""
+    """Orbax checkpoint -> Hugging Face safetensors + config.json (bf16, or MXFP4 experts: copied when
+    the checkpoint keeps them in MXFP4, quantized otherwise)."""
     from gptoss_jax.checkpoint import export_checkpoint
 
     out = export_checkpoint(args.dst, args.out, mxfp4=args.mxfp4, force=args.force)
@@ -216,12 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="output directory (written atomically)")
     convert.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    convert.add_argument("--keep-mxfp4", action="store_true",
+                         help="keep the experts in MXFP4 (uint8 blocks + scales; the model runs on them): an MXFP4 "
+                         "source's bytes are copied, a dense source is quantized. Other weights in --dtype")
     convert.set_defaults(run=cmd_convert)
 
     export = commands.add_parser("export", help="export an Orbax checkpoint to HF safetensors")
     export.add_argument("dst", help="Orbax checkpoint from `convert` (or a fine-tuned one)")
     export.add_argument("out", help="output directory (written atomically)")
-    export.add_argument("--mxfp4", action="store_true", help="re-quantize the experts to MXFP4, as released")
+    export.add_argument("--mxfp4", action="store_true",
+                        help="experts in MXFP4, as released (a --keep-mxfp4 checkpoint's bytes as they are; dense "
+                        "experts quantized). Without it, MXFP4 experts are dequantized")
     export.add_argument("--force", action="store_true", help="replace an existing OUT")
     export.set_defaults(run=cmd_export)
 

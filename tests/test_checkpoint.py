@@ -1,7 +1,8 @@
 """Checkpoints: convert (HF dense / HF MXFP4 / OpenAI original -> Orbax), load_model, export, bad input.
 
 References: tiny-a (saved by transformers' save_pretrained, dense, float32) and tiny-mxfp4 (released
-MXFP4 layout, sharded, bfloat16 + uint8), each with transformers' logits in golden.npz.
+MXFP4 layout, sharded, bfloat16 + uint8), each with transformers' logits in golden.npz. MXFP4-native
+experts (convert --keep-mxfp4, load_model(keep_mxfp4=True), export --mxfp4 of them) at the end.
 """
 
 import dataclasses
@@ -23,8 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 import gptoss_jax
 from gptoss_jax import checkpoint as ck
+from gptoss_jax import cli, mxfp4
 from gptoss_jax.mxfp4 import dequantize
-from gptoss_jax.params import abstract_params, flatten, params_from_hf
+from gptoss_jax.params import abstract_params, flatten, params_from_hf, unflatten
 
 TINY_A = FIXTURES / "tiny-a"
 TINY_M = FIXTURES / "tiny-mxfp4"
@@ -33,14 +35,14 @@ EXPERT_HF = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """converted(source dir, dtype) -> DST, converted once per module."""
+    """converted(source dir, dtype, keep_mxfp4) -> DST, converted once per module."""
     cache = {}
 
-    def get(src, dtype=np.float32):
-        key = (src.name, np.dtype(dtype).name)
+    def get(src, dtype=np.float32, keep_mxfp4=False):
+        key = (src.name, np.dtype(dtype).name, *(["keep-mxfp4"] if keep_mxfp4 else []))
         if key not in cache:
             cache[key] = ck.convert_checkpoint(src, tmp_path_factory.mktemp("converted") / "-".join(key),
-                                               dtype=dtype, progress=False)
+                                               dtype=dtype, progress=False, keep_mxfp4=keep_mxfp4)
         return cache[key]
 
     return get
@@ -48,13 +50,13 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_forward():
-    """jitted forward per config (compiled once per module)."""
+    """jitted forward per config (compiled once per module and params dtypes)."""
     compiled = {}
 
     def run(config, params, tokens):
-        if config.name not in compiled:
-            compiled[config.name] = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
-        return np.asarray(compiled[config.name](params, tokens))
+        if config not in compiled:
+            compiled[config] = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
+        return np.asarray(compiled[config](params, tokens))
 
     return run
 
@@ -69,6 +71,28 @@ def reference_params(directory, dtype=np.float32):
         values = dequantize(tensors.pop(name), tensors.pop(f"{dense}_scales"), np.float32)  # [E, out, in]
         tensors[dense] = values.transpose(0, 2, 1)
     return params_from_hf(config, {n: np.asarray(t, np.float32) for n, t in tensors.items()}, dtype)
+
+
+def mxfp4_params(dense_params, config, released):
+    """`dense_params` with each expert matrix replaced by MXFP4 params: `released(layer, hf_name, part)`
+    gives one layer's blocks [E, out, G, 16] / scales [E, out, G] in the released layout; blocks are
+    moved to the in-memory layout [E, out, 16, G] here, and layers stacked in pairs."""
+    flat = {path: value for path, value in flatten(dense_params).items() if path[-1] not in ("gate_up", "down")}
+    for kind, first in (("sliding", 0), ("full", 1)):
+        for matrix, hf_name in (("gate_up", "mlp.experts.gate_up_proj"), ("down", "mlp.experts.down_proj")):
+            for part in ("blocks", "scales"):
+                layers = [released(layer, hf_name, part) for layer in range(first, config.num_layers, 2)]
+                if part == "blocks":
+                    layers = [np.ascontiguousarray(b.swapaxes(-1, -2)) for b in layers]
+                flat[("layers", kind, "mlp", f"{matrix}_{part}")] = np.stack(layers)
+    return unflatten(flat)
+
+
+def mxfp4_reference_params(dtype=np.float32):
+    """tiny-mxfp4's params with MXFP4 experts: the fixture's bytes, relaid out independently of checkpoint.py."""
+    tensors = ck.load_safetensors(TINY_M)
+    return mxfp4_params(reference_params(TINY_M, dtype), gptoss_jax.load_config("tiny-mxfp4"),
+                        lambda layer, name, part: tensors[f"model.layers.{layer}.{name}_{part}"])
 
 
 def assert_params_equal(actual, expected):
@@ -134,19 +158,29 @@ def mesh_shardings(abstract, mesh):
     return jax.tree.map(sharding, abstract)
 
 
+@pytest.mark.parametrize("keep_mxfp4", [False, True], ids=["dense", "keep-mxfp4"])
 @pytest.mark.parametrize("source", ["converted", "huggingface"])
-def test_load_model_into_mesh_shardings(source, converted):
-    """Restores straight into NamedShardings on a 2 x 4 mesh, from Orbax or from the HF files directly."""
-    config = gptoss_jax.load_config("tiny-mxfp4")
+def test_load_model_into_mesh_shardings(source, keep_mxfp4, converted):
+    """Restores straight into NamedShardings on a 2 x 4 mesh, from Orbax or from the HF files directly;
+    MXFP4 experts too (one of them split along both the 16 bytes and the blocks of a row)."""
+    config = dataclasses.replace(gptoss_jax.load_config("tiny-mxfp4"), expert_format="mxfp4" if keep_mxfp4 else "dense")
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     shardings = mesh_shardings(abstract_params(config, jnp.float32), mesh)
-    path = converted(TINY_M) if source == "converted" else TINY_M
-    _, params = ck.load_model(path, dtype=jnp.float32, shardings=shardings)
+    if keep_mxfp4:
+        shardings["layers"]["full"]["mlp"]["down_blocks"] = NamedSharding(mesh, P(None, None, None, "b", "a"))
+    path = converted(TINY_M, keep_mxfp4=keep_mxfp4) if source == "converted" else TINY_M
+    loaded_config, params = ck.load_model(path, dtype=jnp.float32, shardings=shardings, keep_mxfp4=keep_mxfp4)
+    assert loaded_config.expert_format == config.expert_format
     for leaf_path, leaf in flatten(params).items():
         assert leaf.sharding == flatten(shardings)[leaf_path], leaf_path
-    gate_up = params["layers"]["sliding"]["mlp"]["gate_up"]
-    assert gate_up.sharding.spec == P("a", None, "b", None) and len(gate_up.addressable_shards) == 8
-    assert_params_equal(params, reference_params(TINY_M))
+    if keep_mxfp4:
+        gate_up = params["layers"]["sliding"]["mlp"]["gate_up_blocks"]
+        assert gate_up.sharding.spec == P("a", None, "b", None, None) and len(gate_up.addressable_shards) == 8
+        assert_params_equal(params, mxfp4_reference_params())
+    else:
+        gate_up = params["layers"]["sliding"]["mlp"]["gate_up"]
+        assert gate_up.sharding.spec == P("a", None, "b", None) and len(gate_up.addressable_shards) == 8
+        assert_params_equal(params, reference_params(TINY_M))
 
 
 def test_load_model_with_mesh_asks_the_sharding_rules(converted, monkeypatch):
@@ -213,6 +247,9 @@ def test_openai_original_layout_and_preference_for_hf_files(tmp_path, converted)
     assert dataclasses.replace(loaded_config, name=config.name, eos_token_id=config.eos_token_id,
                                pad_token_id=config.pad_token_id, max_positions=config.max_positions) == config
     assert_params_equal(params, reference_params(TINY_M))
+    # MXFP4 kept: the same bytes as from the HF files.
+    _, kept = ck.load_model(tmp_path / "release", dtype=np.float32, keep_mxfp4=True)
+    assert_params_equal(kept, mxfp4_reference_params())
     # HF files beside original/: the HF files win (a broken original/ is never read).
     release = tmp_path / "release"
     for f in TINY_M.iterdir():
@@ -414,4 +451,134 @@ def test_missing_directory_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(ck.CheckpointError, match=r"openai/gpt-oss-20b: no such directory, and downloading it .* "
                                                  r"failed \(ConnectionError"):
         ck.convert_checkpoint("openai/gpt-oss-20b", tmp_path / "dst", progress=False)
+    assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# MXFP4-native experts: convert --keep-mxfp4, load_model(keep_mxfp4=True), export of such checkpoints
+
+
+def test_keep_mxfp4_copies_the_bytes_and_gives_the_reference_logits(converted, run_forward):
+    """--keep-mxfp4 of an MXFP4 source: config.json says expert_format mxfp4, the experts are the uint8
+    blocks/scales (the source's bytes, relaid out), the rest as a plain conversion; logits within the
+    project bound of transformers'. uint8 params are never cast to load_model's dtype."""
+    dst = converted(TINY_M, np.float32, keep_mxfp4=True)
+    raw = json.loads((dst / "config.json").read_text())
+    config = gptoss_jax.load_config(dst)
+    assert raw == {**config.to_hf_dict(), "dtype": "float32", "expert_format": "mxfp4"}
+    assert config.expert_format == "mxfp4"
+    loaded_config, params = ck.load_model(dst)
+    assert loaded_config == config
+    assert_params_equal(params, mxfp4_reference_params())
+    golden = np.load(TINY_M / "golden.npz")
+    assert_close_to_reference(run_forward(config, params, golden["tokens"]), golden["logits"],
+                              "tiny-mxfp4 logits, MXFP4 experts")
+    _, as_bf16 = ck.load_model(dst, dtype=jnp.bfloat16)
+    mlp = as_bf16["layers"]["full"]["mlp"]
+    assert mlp["gate_up_blocks"].dtype == jnp.uint8 and mlp["down_scales"].dtype == jnp.uint8
+    assert mlp["down_bias"].dtype == jnp.bfloat16
+
+
+def test_mxfp4_experts_run_like_dequantized_ones_in_bfloat16(converted, run_forward):
+    """bfloat16 weights: MXFP4 experts (dequantized tile by tile in the model) vs the same experts
+    dequantized at load: logits equal within bfloat16 rounding of the largest, greedy tokens identical."""
+    config, kept = ck.load_model(converted(TINY_M, jnp.bfloat16, keep_mxfp4=True))
+    dense_config, dense = ck.load_model(TINY_M)  # bfloat16, MXFP4 dequantized on load
+    assert (config.expert_format, dense_config.expert_format) == ("mxfp4", "dense")
+    assert dense["layers"]["full"]["mlp"]["gate_up"].dtype == jnp.bfloat16
+    tokens = np.load(TINY_M / "golden.npz")["tokens"]
+    logits, reference = run_forward(config, kept, tokens), run_forward(dense_config, dense, tokens)
+    bound = 2.0 ** -8 * max(1.0, np.abs(reference).max())
+    assert np.abs(logits - reference).max() <= bound
+    prompts = [tokens[0, :5].tolist(), tokens[1, :3].tolist()]
+    generated = gptoss_jax.generate(config, kept, prompts, max_new_tokens=24, stop_tokens=[])
+    assert [len(row) for row in generated] == [24, 24]
+    assert generated == gptoss_jax.generate(dense_config, dense, prompts, max_new_tokens=24, stop_tokens=[])
+
+
+def test_keep_mxfp4_direct_load_equals_convert_then_load(converted):
+    """load_model(HF source, keep_mxfp4=True) gives what convert --keep-mxfp4 + load_model gives, and
+    load_model(.., keep_mxfp4=False) of the MXFP4 checkpoint the plain dense conversion."""
+    config, direct = ck.load_model(TINY_M, dtype=np.float32, keep_mxfp4=True)
+    converted_config, loaded = ck.load_model(converted(TINY_M, np.float32, keep_mxfp4=True))
+    assert config.expert_format == "mxfp4" and config.to_hf_dict() == converted_config.to_hf_dict()
+    assert_params_equal(direct, loaded)
+    dense_config, dequantized = ck.load_model(converted(TINY_M, np.float32, keep_mxfp4=True), keep_mxfp4=False)
+    assert dense_config.expert_format == "dense"
+    assert_params_equal(dequantized, ck.load_model(converted(TINY_M, np.float32))[1])
+
+
+def dense_source(tmp_path):
+    """A dense HF checkpoint with tiny-mxfp4's shapes (hidden 96, intermediate 64), float32 experts off
+    the e2m1 grid (the fixture's values times random factors), the other weights bfloat16."""
+    tensors = ck.load_safetensors(TINY_M)
+    rng = np.random.default_rng(0)
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        dense = name[: -len("_blocks")]
+        values = dequantize(tensors.pop(name), tensors.pop(f"{dense}_scales"), np.float32).transpose(0, 2, 1)
+        tensors[dense] = values * rng.uniform(0.7, 1.3, values.shape).astype(np.float32)
+    directory = tmp_path / "dense-source"
+    directory.mkdir()
+    ck.save_safetensors(directory / "model.safetensors", tensors)
+    edit = json.loads((TINY_M / "config.json").read_text())
+    del edit["quantization_config"]
+    (directory / "config.json").write_text(json.dumps(edit))
+    return directory, tensors
+
+
+def test_keep_mxfp4_quantizes_a_dense_source(tmp_path):
+    """From dense experts, --keep-mxfp4 stores mxfp4.quantize of each [E, out, in] matrix; so do a direct
+    load_model(keep_mxfp4=True) and loading a dense conversion with keep_mxfp4=True."""
+    source, tensors = dense_source(tmp_path)
+    config = gptoss_jax.load_config(source)
+
+    def quantized(layer, name, part):
+        blocks, scales = mxfp4.quantize(tensors[f"model.layers.{layer}.{name}"].transpose(0, 2, 1))
+        return blocks if part == "blocks" else scales
+
+    expected = mxfp4_params(ck.load_model(source, dtype=np.float32)[1], config, quantized)
+    dst = ck.convert_checkpoint(source, tmp_path / "kept", dtype=np.float32, progress=False, keep_mxfp4=True)
+    assert_params_equal(ck.load_model(dst)[1], expected)
+    assert_params_equal(ck.load_model(source, dtype=np.float32, keep_mxfp4=True)[1], expected)
+    dense_dst = ck.convert_checkpoint(source, tmp_path / "dense", dtype=np.float32, progress=False)
+    assert_params_equal(ck.load_model(dense_dst, keep_mxfp4=True)[1], expected)
+
+
+def test_keep_mxfp4_export_round_trip_is_byte_identical(tmp_path, converted, capsys):
+    """HF MXFP4 -> convert --keep-mxfp4 -> export --mxfp4 (the CLI, bfloat16 as released): every tensor
+    byte-identical, blocks and scales included. Without --mxfp4 the experts are dequantized to dense."""
+    dst, out = tmp_path / "kept", tmp_path / "exported"
+    assert cli.main(["convert", str(TINY_M), str(dst), "--keep-mxfp4"]) == 0
+    assert gptoss_jax.load_config(dst).expert_format == "mxfp4"
+    assert cli.main(["export", str(dst), str(out), "--mxfp4"]) == 0
+    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_M)
+    assert exported.keys() == original.keys()
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and exported[name].shape == value.shape, name
+        assert exported[name].tobytes() == value.tobytes(), name
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["quantization_config"]["quant_method"] == "mxfp4" and "expert_format" not in raw
+    # Exporting the MXFP4 source directly with --mxfp4 copies its bytes too.
+    direct = ck.load_safetensors(ck.export_checkpoint(TINY_M, tmp_path / "direct", mxfp4=True, progress=False))
+    assert all(direct[name].tobytes() == value.tobytes() for name, value in original.items())
+    # Dense export: the experts dequantized, [E, in, out], as transformers dequantizes them.
+    dense = ck.load_safetensors(ck.export_checkpoint(converted(TINY_M, np.float32, keep_mxfp4=True),
+                                                     tmp_path / "dense", dtype=np.float32, progress=False))
+    for name in [n for n in original if n.endswith("_blocks")]:
+        matrix = name[: -len("_blocks")]
+        expected = dequantize(original[name], original[f"{matrix}_scales"], np.float32).transpose(0, 2, 1)
+        assert dense[matrix].dtype == np.float32
+        np.testing.assert_array_equal(dense[matrix], expected, err_msg=matrix)
+    assert not any(n.endswith(("_blocks", "_scales")) for n in dense)
+
+
+def test_keep_mxfp4_needs_sizes_in_whole_blocks(tmp_path, capsys):
+    """tiny-a (hidden 72, intermediate 56) cannot hold MXFP4 experts: a clear error, nothing written."""
+    message = r"keep_mxfp4 \(--keep-mxfp4\) needs hidden_size \(72\) and intermediate_size \(56\) to be multiples of 32"
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.convert_checkpoint(TINY_A, tmp_path / "dst", progress=False, keep_mxfp4=True)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_model(TINY_A, keep_mxfp4=True)
+    assert cli.main(["convert", str(TINY_A), str(tmp_path / "dst"), "--keep-mxfp4"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
