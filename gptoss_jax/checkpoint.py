@@ -885,13 +885,13 @@ def load_model(dst: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dt
     config = _with_expert_format(stored_config, expert_format, path)
     abstract = abstract_params(config, dtype)
     target_shardings = _param_shardings(config, abstract, mesh, shardings)
-    if converted and expert_format == stored_config.expert_format:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, target_shardings)
-        with ocp.StandardCheckpointer() as checkpointer:
-            return config, checkpointer.restore((path / PARAMS_DIR).absolute(), target)
-    if converted:  # experts converted on the fly, from tensorstore reads of the Orbax checkpoint
-        reader: ParamReader = ExpertFormatView(OrbaxParams(path, stored_config), expert_format, dtype)
+    if converted:
+        # The Orbax checkpoint's arrays read box by box through tensorstore, not with Orbax's own
+        # restore: that holds whole arrays in host buffers on top of the restored ones (gpt-oss-20b's
+        # 12.6 GB of MXFP4 params took 21.4 GB of RAM, and kept it), this needs the params + ~256 MB.
+        reader: ParamReader = OrbaxParams(path, stored_config)
+        if expert_format != stored_config.expert_format:  # experts converted on the fly
+            reader = ExpertFormatView(reader, expert_format, dtype)
     else:
         reader = SourceParams(source, dtype, expert_format)
     return config, _load_from_reader(reader, abstract, target_shardings)
@@ -910,16 +910,43 @@ def _param_shardings(config: Config, abstract: Params, mesh: jax.sharding.Mesh |
 
 
 def _load_from_reader(reader: ParamReader, abstract: Params, shardings: Params) -> Params:
-    """Each param as a jax.Array with its sharding, every shard read from `reader` directly."""
+    """Each param as a jax.Array with its sharding, every shard read from `reader` directly, in
+    slices of <= CHUNK_BYTES written into the shard's buffer in place (`_read_shard`): peak memory is
+    the params plus a few slices, whatever the size of one weight."""
     flat_shardings = flatten(shardings)
 
     def load(path: ParamPath, target: jax.ShapeDtypeStruct) -> jax.Array:
-        shape = tuple(target.shape)
-        return jax.make_array_from_callback(
-            shape, flat_shardings[path],
-            lambda index: reader.read_box(path, _normalize_box(index, shape)).astype(target.dtype, copy=False))
+        shape, sharding = tuple(target.shape), flat_shardings[path]
+        shards = [_read_shard(reader, path, _normalize_box(index, shape), target.dtype, device)
+                  for device, index in sharding.addressable_devices_indices_map(shape).items()]
+        return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
     return unflatten({path: load(path, target) for path, target in flatten(abstract).items()})
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(buffer: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
+def _read_shard(reader: ParamReader, path: ParamPath, box: Box, dtype: Any, device: jax.Device) -> jax.Array:
+    """One shard (`box` of param `path`) on `device`: read whole when small, else allocated once and
+    filled slice by slice along its first axis (donated, so updated in place)."""
+    shape = tuple(s.stop - s.start for s in box)
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+
+    def read(start: int, stop: int) -> np.ndarray:
+        first = box[0].start
+        return reader.read_box(path, (slice(first + start, first + stop), *box[1:])).astype(dtype, copy=False)
+
+    if not shape or rows >= shape[0]:
+        return jax.device_put(read(0, shape[0]) if shape else reader.read_box(path, box).astype(dtype), device)
+    buffer = jnp.zeros(shape, dtype, device=device)
+    for start in range(0, shape[0], rows):
+        stop = min(shape[0], start + rows)
+        buffer = _write_rows(buffer, jax.device_put(read(start, stop), device), np.int32(start))
+    return buffer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 
 from gptoss_jax import cache as kv_cache
 from gptoss_jax.config import Config
-from gptoss_jax.model import Params, build
+from gptoss_jax.model import BITS, Params, as_bits, build
 from gptoss_jax.tokenizer import STOP_TOKENS
 
 
@@ -89,6 +89,7 @@ def prefill(config: Config, params: Params, cache: kv_cache.Cache, prompts: np.n
     """Writes right-padded prompts [b, L] (row i: lengths[i] tokens) into the cache in chunks of
     `chunk` tokens, so attention never builds an L x L matrix. Returns each row's last-token logits
     float32 [b, vocab] and the cache."""
+    params = as_bits(params)
     b, length = prompts.shape
     chunk = min(chunk, length)
     steps = -(-length // chunk)
@@ -225,7 +226,7 @@ def empty_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bfloa
 def _start(config: Config, params: Params, request: _Request, sampling: Sampling, key: jax.Array,
            prefill_chunk: int) -> tuple[jax.Array, kv_cache.Cache]:
     """Prefills the request's prompts into a new cache: (first sampled tokens [b], the cache)."""
-    dtype = params["embed"].dtype
+    dtype = jnp.bfloat16 if params["embed"].dtype == BITS else params["embed"].dtype
     cache = empty_cache(config, len(request.lengths), request.max_len, dtype)
     logits, cache = prefill(config, params, cache, request.prompts, request.lengths, prefill_chunk)
     return sample(logits, jax.random.fold_in(key, 0), sampling), cache
@@ -243,6 +244,7 @@ def generate(config: Config, params: Params, prompts: Sequence[Sequence[int]], m
     sampling = Sampling(temperature, top_k, top_p, min_p)
     request = _validate(config, prompts, max_new_tokens, stop_tokens)
     key = jax.random.key(seed)
+    params = as_bits(params)  # no copy; see `model.as_bits`
     first, cache = _start(config, params, request, sampling, key, prefill_chunk)
     out, count, _ = _decode_loop(config, sampling, jnp.int32(max_new_tokens), params, cache, first,
                                  jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
@@ -259,6 +261,7 @@ def stream_generate(config: Config, params: Params, prompts: Sequence[Sequence[i
     sampling = Sampling(temperature, top_k, top_p, min_p)
     request = _validate(config, prompts, max_new_tokens, stop_tokens)
     key = jax.random.key(seed)
+    params = as_bits(params)  # no copy; see `model.as_bits`
     tokens, cache = _start(config, params, request, sampling, key, prefill_chunk)
     done = np.zeros(len(request.lengths), bool)
     stops = set(request.stop_tokens.tolist())

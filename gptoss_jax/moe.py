@@ -95,7 +95,8 @@ def _tiled_grouped_matmul(x: jax.Array, weights: ExpertMatrix, group_sizes: jax.
     else:
         rows, (groups, _, columns) = x.shape[0], weights.shape[-3:]
     tile = tile or tile_rows(rows // groups)
-    num_tiles = -(-rows // tile) + groups  # sum_g ceil(n_g / tile) <= rows / tile + groups
+    # sum_g ceil(n_g / tile) <= rows / tile + (groups with rows): 5 tiles, not 33, for a decode token's 4 rows
+    num_tiles = -(-rows // tile) + min(groups, rows)
     ends = jnp.cumsum(group_sizes)
     padded = (group_sizes + tile - 1) // tile * tile
     padded_ends = jnp.cumsum(padded)
@@ -112,8 +113,11 @@ def _tiled_grouped_matmul(x: jax.Array, weights: ExpertMatrix, group_sizes: jax.
 
     def matrix(g: jax.Array) -> jax.Array:  # read in place: a slice taken outside would be copied
         if layer is None:
-            return jax.lax.dynamic_index_in_dim(weights, g, keepdims=False)
-        return jax.lax.dynamic_slice(weights, (layer, g, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
+            w = jax.lax.dynamic_index_in_dim(weights, g, keepdims=False)
+        else:
+            w = jax.lax.dynamic_slice(weights, (layer, g, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
+        # bfloat16 weights may come as their bits (`gptoss_jax.model.as_bits`), sliced as such
+        return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
 
     def weight_product(x_tile: jax.Array, g: jax.Array) -> jax.Array:
         if quantized:

@@ -80,3 +80,26 @@ def test_yarn_frequencies_match_reference():
     assert scale == pytest.approx(0.1 * np.log(32) + 1)
     cos, sin = attention.rope_cos_sin(config, jnp.arange(3)[None])
     np.testing.assert_allclose(np.asarray(cos[0, 0]), scale, rtol=1e-6)
+
+
+def test_bfloat16_weights_as_bits_give_identical_logits():
+    """`as_bits` (uint16 views of bfloat16 weights, which XLA:CPU slices without converting whole
+    weights to float32) shares the buffers and changes no logit, dense experts and MXFP4 alike."""
+    import dataclasses
+
+    from gptoss_jax.model import as_bits, build
+
+    for config in (gptoss_jax.load_config("tiny-a"),
+                   dataclasses.replace(gptoss_jax.load_config("tiny-mxfp4"), expert_format="mxfp4")):
+        params = gptoss_jax.init_params(config, seed=4, dtype=jnp.bfloat16)
+        bits = as_bits(params)
+        assert bits["layers"]["full"]["attn"]["q"].dtype == jnp.uint16
+        assert bits["embed"].unsafe_buffer_pointer() == params["embed"].unsafe_buffer_pointer()
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 20)), jnp.int32)
+
+        @jax.jit
+        def logits(p):
+            model = build(config, p)
+            return model.logits(model(tokens)[0])
+
+        np.testing.assert_array_equal(np.asarray(logits(bits)), np.asarray(logits(params)))
