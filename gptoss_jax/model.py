@@ -239,11 +239,16 @@ class Attention(nnx.Module):
             out = attention.attend(q, k, v, self.sinks[...], positions, positions, window, segments, segments)
         else:
             slot_positions, slots = view
-            keys = jnp.concatenate([kv["k"].astype(dtype), k], axis=1)
-            values = jnp.concatenate([kv["v"].astype(dtype), v], axis=1)
-            key_positions = jnp.concatenate([slot_positions, positions], axis=1)
+            new_kv = {"k": cache.scatter(kv["k"], slots, k), "v": cache.scatter(kv["v"], slots, v)}
+            if q.shape[1] == 1:  # decode: the token is in its slot now (a ring keeps the last `window`)
+                key_positions = cache.scatter(slot_positions, slots, positions)
+                keys, values = new_kv["k"].astype(dtype), new_kv["v"].astype(dtype)
+            else:  # a chunk: a ring may overwrite slots its own first tokens still need
+                keys = jnp.concatenate([kv["k"].astype(dtype), k], axis=1)
+                values = jnp.concatenate([kv["v"].astype(dtype), v], axis=1)
+                key_positions = jnp.concatenate([slot_positions, positions], axis=1)
             out = attention.attend(q, keys, values, self.sinks[...], positions, key_positions, window)
-            kv = {"k": cache.scatter(kv["k"], slots, k), "v": cache.scatter(kv["v"], slots, v)}
+            kv = new_kv
         y = _project("btnh,nhd->btd", out.astype(dtype), self.o[...], self.o_bias[...])
         if lora and "o" in lora:
             y = y + _lora_delta(_lora_dropout(out, lora, 3), lora["o"], "btnh,nhr->btr", "btr,rd->btd")
