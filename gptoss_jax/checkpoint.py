@@ -603,11 +603,28 @@ class OrbaxParams:
                                                is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
                                                ts_context=self.context)
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
-            self.stores[path] = ts.open(spec, open=True, read=True, context=self.context).result()
+            try:
+                self.stores[path] = ts.open(spec, open=True, read=True, context=self.context).result()
+            except Exception as err:
+                raise CheckpointError(f"{self.directory}: cannot open param {'/'.join(path)} (missing or "
+                                      f"corrupt; config.json says expert_format "
+                                      f"{self.config.expert_format!r}): {_describe(err)[:300]}") from err
         return self.stores[path]
 
     def read_box(self, path: ParamPath, box: Box) -> np.ndarray:
-        return self.store(path)[box].read().result()
+        store = self.store(path)
+        try:
+            return store[box].read().result()
+        except Exception as err:
+            raise CheckpointError(f"{self.directory}: reading param {'/'.join(path)} {list(store.shape)} "
+                                  f"failed: {_describe(err)[:300]}") from err
+
+    def check_shape(self, path: ParamPath, shape: tuple[int, ...]) -> None:
+        """CheckpointError unless the stored param `path` has `shape` (what config.json implies)."""
+        stored = tuple(self.store(path).shape)
+        if stored != tuple(shape):
+            raise CheckpointError(f"{self.directory}: param {'/'.join(path)} is stored with shape {list(stored)}, "
+                                  f"but config.json implies {list(shape)}")
 
 
 class ExpertFormatView:
@@ -917,6 +934,8 @@ def _load_from_reader(reader: ParamReader, abstract: Params, shardings: Params) 
 
     def load(path: ParamPath, target: jax.ShapeDtypeStruct) -> jax.Array:
         shape, sharding = tuple(target.shape), flat_shardings[path]
+        if isinstance(reader, OrbaxParams):
+            reader.check_shape(path, shape)
         shards = [_read_shard(reader, path, _normalize_box(index, shape), target.dtype, device)
                   for device, index in sharding.addressable_devices_indices_map(shape).items()]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)

@@ -582,3 +582,18 @@ def test_keep_mxfp4_needs_sizes_in_whole_blocks(tmp_path, capsys):
     assert cli.main(["convert", str(TINY_A), str(tmp_path / "dst"), "--keep-mxfp4"]) == 2
     assert "multiples of 32" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
+
+
+def test_load_of_a_converted_checkpoint_that_its_config_does_not_describe(tmp_path, converted):
+    """A converted checkpoint whose config.json disagrees with its params (edited, or another
+    model's params) fails with a CheckpointError naming the param, not a tensorstore traceback."""
+    dst = tmp_path / "edited"
+    shutil.copytree(converted(TINY_M), dst)
+    config_file = dst / ck.CONFIG_FILE
+    original = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**original, "intermediate_size": 32}))
+    with pytest.raises(ck.CheckpointError, match=r"param layers/\w+/mlp/\w+ is stored with shape \[2, 5, "):
+        gptoss_jax.load_model(dst)
+    config_file.write_text(json.dumps({**original, "expert_format": "mxfp4"}))
+    with pytest.raises(ck.CheckpointError, match=r"cannot open param layers/\w+/mlp/\w+_blocks \(missing"):
+        gptoss_jax.load_model(dst)
