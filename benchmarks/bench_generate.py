@@ -144,6 +144,26 @@ def timed_pair(run: Callable[[int], Any], n: int, repeats: int) -> dict[str, Any
     return {"t_1": one, "t_n_plus_1": many, "seconds_for_n": min(many) - min(one), "new_tokens": n, "tokens": out}
 
 
+def timed_decode(name: str, run: Callable[[int], Any], n: int, rows: int, repeats: int,
+                 phase: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Warm-up (`run(1)`, `run(n + 1)`: compilation for gptoss-jax), then `timed_pair`; tokens/s of
+    all `rows` together. `phase("warmup" | "timed")` is called as each part starts (compile counting)."""
+    log(f"{name}: warm-up")
+    phase("warmup")
+    start = time.perf_counter()
+    run(1)
+    run(n + 1)
+    warm_s = time.perf_counter() - start
+    phase("timed")
+    log(f"{name}: timing {repeats} x (1 and {n + 1} new tokens)")
+    timing = timed_pair(run, n, repeats)
+    timing["warmup_seconds"] = warm_s
+    timing["tokens_per_s"] = n * rows / timing["seconds_for_n"]
+    timing["loadavg"] = os.getloadavg()
+    log(f"  {timing['tokens_per_s']:.2f} tok/s")
+    return timing
+
+
 def prompts(sizes: dict, vocab: int, seed: int = 1) -> dict[str, Any]:
     import numpy as np
 
@@ -318,20 +338,8 @@ def worker_jax(args: argparse.Namespace, sizes: dict) -> dict:
         def run(new: int, batch_prompts: Any = batch_prompts) -> list[list[int]]:
             return gptoss_jax.generate(config, params, batch_prompts.tolist(), max_new_tokens=new, stop_tokens=[])
 
-        log(f"{name}: warm-up (compile)")
-        counter.phase = f"{name}_warmup"
-        start = time.perf_counter()
-        run(1)
-        run(n + 1)
-        warm_s = time.perf_counter() - start
-        counter.phase = f"{name}_timed"
-        log(f"{name}: timing {repeats} x (1 and {n + 1} new tokens)")
-        timing = timed_pair(run, n, repeats)
-        timing["warmup_seconds"] = warm_s
-        timing["tokens_per_s"] = n * len(batch_prompts) / timing["seconds_for_n"]
-        timing["loadavg"] = os.getloadavg()
-        result[name] = timing
-        log(f"  {timing['tokens_per_s']:.2f} tok/s")
+        result[name] = timed_decode(name, run, n, len(batch_prompts), repeats,
+                                    lambda phase: setattr(counter, "phase", f"{name}_{phase}"))
 
     length = sizes["prefill"]
     ids = data["prefill"]
@@ -490,18 +498,7 @@ def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
                                      min_new_tokens=new, do_sample=False, pad_token_id=config.pad_token_id)
             return out[:, ids.shape[1]:].tolist()
 
-        log(f"{name}: warm-up")
-        start = time.perf_counter()
-        run(1)
-        run(n + 1)
-        warm_s = time.perf_counter() - start
-        log(f"{name}: timing {repeats} x (1 and {n + 1} new tokens)")
-        timing = timed_pair(run, n, repeats)
-        timing["warmup_seconds"] = warm_s
-        timing["tokens_per_s"] = n * len(batch_prompts) / timing["seconds_for_n"]
-        timing["loadavg"] = os.getloadavg()
-        result[name] = timing
-        log(f"  {timing['tokens_per_s']:.2f} tok/s")
+        result[name] = timed_decode(name, run, n, len(batch_prompts), repeats)
 
     length = sizes["prefill"]
     ids = torch.from_numpy(data["prefill"]).long()

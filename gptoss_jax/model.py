@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from gptoss_jax import attention, cache, moe
+from gptoss_jax import attention, bits, cache, moe
 from gptoss_jax.config import Config
 
 Params = dict[str, Any]
@@ -54,22 +53,14 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """einsum(spec, x, kernel) accumulated and returned in float32, x's leading axis a batch axis.
 
-    Decode-sized products (<= 8 rows) are written weight-first, a matrix-vector product that XLA:CPU
-    runs ~20% faster (measured on the 201088 x 1024 unembedding: 23 against 28 ms). XLA:CPU also runs
-    a bfloat16 product with a single row ~12x slower than one with two rows (0.26 against 3.2
-    Gparam/s on the unembedding), so there a single row is duplicated."""
-    x_spec, rest = spec.split(",")
-    kernel_spec, out_spec = rest.split("->")
-    if x_spec.startswith("..."):  # "...d,vd->...v"
-        rows = x.size // x.shape[-1]
-    else:
-        rows = math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
-
+    XLA:CPU runs a bfloat16 product with a single row ~12x slower than one with two rows (0.26
+    against 3.2 Gparam/s on the unembedding), so there a single row is duplicated."""
     def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        if rows <= 8:
-            return jnp.einsum(f"{kernel_spec},{x_spec}->{out_spec}", kernel, x, preferred_element_type=jnp.float32)
         return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
 
+    x_spec, out_spec = spec.split(",")[0], spec.split("->")[1]
+    rows = x.size // x.shape[-1] if x_spec.startswith("...") else \
+        math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
     if rows != 1 or x.dtype != jnp.bfloat16:
         return plain(x, kernel)
 
@@ -84,28 +75,28 @@ UPCAST_CHUNK_BYTES = 64 << 20
 
 
 def _unembed(x: jax.Array, table: jax.Array) -> jax.Array:
-    """x [..., d] @ table [v, d].T -> float32 [..., v] (table may be `as_bits`' bits).
+    """x [..., d] @ table [v, d].T -> float32 [..., v] (table may be `bits.as_bits`' bits).
 
     XLA:CPU multiplies bfloat16 matrices by converting them to float32 first: for gpt-oss's
     unembedding a 2.3 GB temporary per step. On CPU, with no mesh, a scan converts and multiplies
     `UPCAST_CHUNK_BYTES` of vocabulary rows at a time instead (its slices taken of the bits, see
-    `as_bits`)."""
+    `gptoss_jax.bits`)."""
     v, d = table.shape
     chunks = max((c for c in range(1, 257) if v % c == 0 and v // c * d * 4 >= UPCAST_CHUNK_BYTES), default=1)
     if table.dtype == jnp.float32 or chunks == 1 or not jax.sharding.get_abstract_mesh().empty:
-        return _einsum("...d,vd->...v", x, _read(table))
+        return _einsum("...d,vd->...v", x, bits.read(table))
 
     def chunked(x: jax.Array, table: jax.Array) -> jax.Array:
         rows = x.reshape(-1, d).astype(jnp.float32)
 
         def one_chunk(_: None, chunk: jax.Array) -> tuple[None, jax.Array]:
-            return None, jnp.einsum("vd,md->mv", _read(chunk).astype(jnp.float32), rows)
+            return None, jnp.einsum("vd,md->mv", bits.read(chunk).astype(jnp.float32), rows)
 
         _, y = jax.lax.scan(one_chunk, None, table.reshape(chunks, v // chunks, d))  # [chunks, m, v / chunks]
         return jnp.moveaxis(y, 0, 1).reshape(*x.shape[:-1], v)
 
     return jax.lax.platform_dependent(x, table, cpu=chunked,
-                                      default=lambda x, t: _einsum("...d,vd->...v", x, _read(t)))
+                                      default=lambda x, t: _einsum("...d,vd->...v", x, bits.read(t)))
 
 
 def _project(spec: str, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -138,35 +129,6 @@ def _lora_dropout(x: jax.Array, lora: Lora, index: int) -> jax.Array:
     key, rate = lora["dropout"]["key"], lora["dropout"]["rate"]
     keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
     return jnp.where(keep, x.astype(jnp.float32) / (1.0 - rate), 0.0)
-
-
-BITS = jnp.uint16
-"""Stand-in dtype of bfloat16 weights passed as their raw bits (see `as_bits`)."""
-
-
-def as_bits(params: Params) -> Params:
-    """params with each bfloat16 weight replaced by a uint16 view of the same buffer (no copy), on
-    CPU for single-device arrays; elsewhere params as they are. The model accepts either.
-
-    Why: XLA:CPU has no bfloat16 dynamic-slice, so when a jitted step slices a bfloat16 weight (one
-    layer of the stacked layers, one token's embedding row) it converts the WHOLE weight to float32
-    first, outside the layer loop: 2.7 GB of temporaries per gpt-oss-20b step, with the traffic to
-    match. Slicing the bits of a uint16 view and bitcasting the slice avoids it (`_read`).
-    The view of a CPU array is made through numpy, which shares the buffer."""
-    def view(a: Any) -> Any:
-        if (not isinstance(a, jax.Array) or a.dtype != jnp.bfloat16 or len(a.devices()) != 1
-                or next(iter(a.devices())).platform != "cpu" or isinstance(a, jax.core.Tracer)):
-            return a
-        return jax.device_put(np.asarray(a).view(np.uint16), a.sharding)
-
-    return jax.tree.map(view, params)
-
-
-def _read(table: jax.Array, index: Any = None) -> jax.Array:
-    """table[index] (table whole with `index` None) as bfloat16 when `table` holds `as_bits`' bits,
-    else as stored."""
-    value = table if index is None else table[index]
-    return jax.lax.bitcast_convert_type(value, jnp.bfloat16) if table.dtype == BITS else value
 
 
 def _key_name(key: Any) -> str:
@@ -391,7 +353,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         table = _constrain(self.embed[...], ("vocab", "act_embed"))  # whole rows (FSDP gathers them)
-        x = _read(table, tokens).astype(jnp.float32)  # the residual stream is float32
+        x = bits.read(table, tokens).astype(jnp.float32)  # the residual stream is float32
         x = _constrain(x, ("batch", "seq", "act_embed"))
         rope = attention.rope_cos_sin(self.config, positions)
         pair_graph, pair_params = nnx.split(self.layers)
@@ -409,7 +371,7 @@ class Transformer(nnx.Module):
             # copies any slice taken here, and those copies would cost more than the matmuls.
             index, pair_kv, pair_lora = index_and_kv
             params = jax.tree_util.tree_map_with_path(
-                lambda path, w: w if _key_name(path[-2]) in STACKED_IN_PLACE else _read(w, index), pair_params)
+                lambda path, w: w if _key_name(path[-2]) in STACKED_IN_PLACE else bits.read(w, index), pair_params)
             x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index, pair_lora,
                                                                segments)
             return x, (hidden, pair_kv)
@@ -428,7 +390,7 @@ class Transformer(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """Final normed hidden [..., d] -> float32 logits [..., vocab]."""
         table = self.unembed[...]
-        return _unembed(x.astype(jnp.bfloat16 if table.dtype == BITS else table.dtype), table)
+        return _unembed(x.astype(bits.value_dtype(table)), table)
 
 
 REMAT_POLICIES = {

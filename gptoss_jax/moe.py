@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax import mxfp4
+from gptoss_jax import bits, mxfp4
 
 ExpertMatrix = jax.Array | dict[str, jax.Array]
 """An expert matrix: dense [(layers,) g, in, out], or MXFP4 {"blocks" uint8 [(layers,) g, out, 16, in/32],
@@ -116,8 +116,7 @@ def _tiled_grouped_matmul(x: jax.Array, weights: ExpertMatrix, group_sizes: jax.
             w = jax.lax.dynamic_index_in_dim(weights, g, keepdims=False)
         else:
             w = jax.lax.dynamic_slice(weights, (layer, g, 0, 0), (1, 1, *weights.shape[2:]))[0, 0]
-        # bfloat16 weights may come as their bits (`gptoss_jax.model.as_bits`), sliced as such
-        return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+        return bits.read(w)  # bfloat16 weights may come as their bits, sliced as such
 
     def weight_product(x_tile: jax.Array, g: jax.Array) -> jax.Array:
         if quantized:

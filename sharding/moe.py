@@ -156,7 +156,7 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     specs = [specs[0], rules.weight_spec(("experts", "expert_mlp"), gate_up_bias.shape, sizes, what="expert bias"),
              specs[1], rules.weight_spec(("experts", "embed"), down_bias.shape, sizes, what="expert bias")]
     body = functools.partial(_shard_body, sizes=sizes, strategy=strategy, token_axes=batch_axes,
-                             alpha=alpha, limit=limit)
+                             alpha=alpha, limit=limit, stacked=bool(stacked))
     layer = jnp.zeros((), jnp.int32) if layer is None else layer  # (a scalar whatever `stacked`)
     lora = lora or {}
     lora_specs = {target: {part: rules.weight_spec(LORA_AXES[target][part], lora[target][part].shape, sizes,
@@ -194,14 +194,14 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: moe_lib.ExpertMatrix,
-                gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array, lora: dict[str, dict[str, jax.Array]],
+                gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array,
+                lora: dict[str, dict[str, jax.Array]],
                 *, sizes: dict[str, int], strategy: str,
-                token_axes: tuple[str, ...], alpha: float, limit: float) -> jax.Array:
-    """One device's MoE: x [b_local, t, d] -> float32 [b_local, t, d], already reduced."""
+                token_axes: tuple[str, ...], alpha: float, limit: float, stacked: bool) -> jax.Array:
+    """One device's MoE: x [b_local, t, d] -> float32 [b_local, t, d], already reduced. `stacked`:
+    the expert matrices hold every layer's ([layers, e, ...]) and `layer` picks one."""
     shape, d, top_k = x.shape, x.shape[-1], ids.shape[-1]
     tokens, ids, gates = x.reshape(-1, d), ids.reshape(-1, top_k), gates.reshape(-1, top_k)
-    stacked = jax.tree.leaves(gate_up)[0].ndim > len(jax.tree.leaves(_matrix_axes("gate_up", gate_up),
-                                                                    is_leaf=lambda a: isinstance(a, tuple))[0])
     if stacked and (sizes["fsdp"] > 1 or strategy == "dense"):  # this layer's experts only
         gate_up, down = (jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), m)
                          for m in (gate_up, down))

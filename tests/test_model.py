@@ -83,11 +83,12 @@ def test_yarn_frequencies_match_reference():
 
 
 def test_bfloat16_weights_as_bits_give_identical_logits():
-    """`as_bits` (uint16 views of bfloat16 weights, which XLA:CPU slices without converting whole
+    """`bits.as_bits` (uint16 views of bfloat16 weights, which XLA:CPU slices without converting whole
     weights to float32) shares the buffers and changes no logit, dense experts and MXFP4 alike."""
     import dataclasses
 
-    from gptoss_jax.model import as_bits, build
+    from gptoss_jax.bits import as_bits
+    from gptoss_jax.model import build
 
     for config in (gptoss_jax.load_config("tiny-a"),
                    dataclasses.replace(gptoss_jax.load_config("tiny-mxfp4"), expert_format="mxfp4")):

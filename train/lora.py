@@ -75,11 +75,16 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LoraConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"unknown LoRA settings {sorted(unknown)} (known: {', '.join(sorted(fields))})")
+        check_settings(cls, raw, "LoRA")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def check_settings(cls: type, raw: Mapping[str, Any], what: str) -> None:
+    """ValueError naming the keys of `raw` (a config file's section) that are not fields of dataclass `cls`."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)} (known: {', '.join(sorted(fields))})")
 
 
 def _shapes(config: Config, lc: LoraConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...], int]]:

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptoss_jax import model as model_lib
 from gptoss_jax.config import Config
 from gptoss_jax.params import Params
-from gptoss_jax.train.lora import LoraConfig, init_lora, model_adapters
+from gptoss_jax.train.lora import LoraConfig, check_settings, init_lora, model_adapters
 
 Batch = dict[str, jax.Array]
 State = dict[str, Any]
@@ -66,10 +66,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> OptimConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"unknown optimizer settings {sorted(unknown)} (known: {', '.join(sorted(fields))})")
+        check_settings(cls, raw, "optimizer")
         return cls(**raw)
 
 

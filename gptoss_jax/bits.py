@@ -1,0 +1,44 @@
+"""bfloat16 weights passed to jitted steps as their raw bits, on CPU.
+
+XLA:CPU has no bfloat16 dynamic-slice: when a jitted step slices a bfloat16 weight (one layer of
+the stacked layers, one token's embedding row, one expert) it converts the WHOLE weight to float32
+first, outside the layer loop: 2.7 GB of temporaries per gpt-oss-20b prefill step and 5.0 GB per
+decode step, with the memory traffic to match. `as_bits` gives the step uint16 views of the same
+buffers instead (no copy); the model slices the bits and bitcasts only the slice (`read`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BITS = jnp.uint16
+"""Stand-in dtype of bfloat16 weights passed as their raw bits."""
+
+
+def as_bits(params: Any) -> Any:
+    """params with each bfloat16 weight replaced by a uint16 view of the same buffer (made through
+    numpy, which shares it), for single-device CPU arrays; every other leaf as it is. The model
+    accepts either."""
+    def view(a: Any) -> Any:
+        if (not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer) or a.dtype != jnp.bfloat16
+                or len(a.devices()) != 1 or next(iter(a.devices())).platform != "cpu"):
+            return a
+        return jax.device_put(np.asarray(a).view(np.uint16), a.sharding)
+
+    return jax.tree.map(view, params)
+
+
+def read(table: jax.Array, index: Any = None) -> jax.Array:
+    """table[index] (the whole table with `index` None), as bfloat16 when `table` holds bits, else
+    as stored."""
+    value = table if index is None else table[index]
+    return jax.lax.bitcast_convert_type(value, jnp.bfloat16) if table.dtype == BITS else value
+
+
+def value_dtype(table: jax.Array) -> Any:
+    """The dtype `read` gives for `table`."""
+    return jnp.bfloat16 if table.dtype == BITS else table.dtype
