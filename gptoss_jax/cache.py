@@ -8,7 +8,7 @@ p % window), so their memory does not grow with the context; full-attention laye
 per position. `positions` says which token position each slot holds (-1: empty); every layer of a
 kind writes the same slots, so it is stored once per kind.
 
-On a mesh (set with `jax.set_mesh`) the cache is split as `CACHE_AXES` and the rules in
+On a mesh (set with `jax.set_mesh`) the cache is split as `axes.CACHE_AXES` and the rules in
 `gptoss_jax.sharding` say: the batch like the activations' batch, KV heads like the K/V weights
 (over the tensor axis, replicated when it is larger than the number of KV heads), so attention
 reads and writes its shard of the cache without moving it. `constrain` pins a cache to that layout.
@@ -21,16 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax.axes import CACHE_AXES
 from gptoss_jax.config import Config
+from gptoss_jax.ops import parallel
 
 Cache = dict[str, Any]
 KINDS = ("sliding", "full")
-CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "k": ("layers", "cache_batch", "cache_slots", "cache_kv_heads", "head_dim"),
-    "v": ("layers", "cache_batch", "cache_slots", "cache_kv_heads", "head_dim"),
-    "positions": ("cache_batch", "cache_slots"),
-}
-"""Logical axis names of each leaf of one kind's cache (gptoss_jax.sharding maps them to the mesh)."""
 
 
 def logical_axes() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -60,14 +56,10 @@ def abstract_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bf
 
 
 def constrain(cache: Cache) -> Cache:
-    """The cache with a sharding constraint on each leaf (see `CACHE_AXES`) when a
-    `gptoss_jax.sharding` mesh is set with `jax.set_mesh`; unchanged otherwise. Use inside `jax.jit`
-    (on the cache a step returns, so that no step gathers it) or outside (a device transfer)."""
-    if jax.sharding.get_abstract_mesh().empty:
-        return cache
-    from gptoss_jax.sharding import rules  # deferred: gptoss_jax.sharding imports the model
-
-    return rules.constrain_cache(cache)
+    """The cache with a sharding constraint on each leaf (see `CACHE_AXES`) when a mesh is set with
+    `jax.set_mesh`; unchanged otherwise. Use inside `jax.jit` (on the cache a step returns, so that
+    no step gathers it) or outside (a device transfer)."""
+    return parallel.constrain_tree(cache, logical_axes())
 
 
 def write_slots(slot_positions: jax.Array, positions: jax.Array, ring: bool) -> jax.Array:

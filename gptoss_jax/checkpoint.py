@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from gptoss_jax import mxfp4
 from gptoss_jax.config import FULL, SLIDING, Config, from_hf_dict, load_config
 from gptoss_jax.model import Params
+from gptoss_jax.ops import parallel
 from gptoss_jax.params import abstract_params, flatten, hf_names, hf_tensor, unflatten
 
 ParamPath = tuple[str, ...]
@@ -238,15 +239,16 @@ def _abstract_flat(config: Config, dtype: Any) -> dict[ParamPath, jax.ShapeDtype
     return flatten(abstract_params(config, dtype))
 
 
-def _mxfp4_leaf(path: ParamPath) -> tuple[str, str] | None:
-    """("gate_up", "blocks") for the path of param `gate_up_blocks` (etc.), None for any other param."""
-    matrix, _, part = path[-1].rpartition("_")
-    return (matrix, part) if path[0] == "layers" and matrix in EXPERT_WEIGHTS and part in MXFP4_PARTS else None
+def _mxfp4_leaf(path: ParamPath) -> tuple[ParamPath, str] | None:
+    """(the expert matrix's path, "blocks") for the leaf `.../gate_up/blocks` (etc.) of an MXFP4 weight
+    (`gptoss_jax.quant.MXFP4Weight`), None for any other param leaf."""
+    matrix, part = path[:-1], path[-1]
+    return (matrix, part) if path[0] == "layers" and matrix[-1] in EXPERT_WEIGHTS and part in MXFP4_PARTS else None
 
 
 def _mxfp4_path(path: ParamPath, part: str) -> ParamPath:
     """The path of expert matrix `path`'s MXFP4 `part` ("blocks" or "scales")."""
-    return (*path[:-1], f"{path[-1]}_{part}")
+    return (*path, part)
 
 
 def _with_expert_format(config: Config, expert_format: str, where: Any) -> Config:
@@ -557,7 +559,7 @@ class SourceParams:
     def read_box(self, path: ParamPath, box: Box) -> np.ndarray:
         dtype = self.abstract[path].dtype
         mxfp4_leaf = _mxfp4_leaf(path)
-        names = self.names[path if mxfp4_leaf is None else (*path[:-1], mxfp4_leaf[0])]
+        names = self.names[path if mxfp4_leaf is None else mxfp4_leaf[0]]
         if mxfp4_leaf is not None:  # [pairs, E, out, 16, in/32] or [pairs, E, out, in/32]
             part = mxfp4_leaf[1]
             value = _stack([_released_box(self.source.read_mxfp4(names[p], part, rows=box[1]), part, box[2:])
@@ -646,8 +648,7 @@ class ExpertFormatView:
             return self.base.read_box(path, box)
         mxfp4_leaf = _mxfp4_leaf(path)
         if mxfp4_leaf is not None:  # dense base -> MXFP4
-            matrix, part = mxfp4_leaf
-            dense_path = (*path[:-1], matrix)
+            dense_path, part = mxfp4_leaf
             dense = self.base.read_box(dense_path, self._whole(dense_path, box))  # [p, e, in, out]
             blocks, scales = mxfp4.quantize(swap_last_axes(dense))  # [p, e, out, G, 16], [p, e, out, G]
             return _stack([_released_box(x, part, box[2:]) for x in (blocks if part == "blocks" else scales)])
@@ -919,9 +920,7 @@ def _param_shardings(config: Config, abstract: Params, mesh: jax.sharding.Mesh |
     if shardings is not None:
         return shardings
     if mesh is not None:
-        from gptoss_jax.sharding import param_shardings  # written alongside; imported only when needed
-
-        return param_shardings(config, mesh)
+        return parallel.param_shardings(config, mesh)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, abstract)
 
@@ -940,7 +939,7 @@ def _load_from_reader(reader: ParamReader, abstract: Params, shardings: Params) 
                   for device, index in sharding.addressable_devices_indices_map(shape).items()]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
-    return unflatten({path: load(path, target) for path, target in flatten(abstract).items()})
+    return unflatten({path: load(path, target) for path, target in flatten(abstract).items()}, like=abstract)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

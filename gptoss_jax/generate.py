@@ -23,8 +23,8 @@ import numpy as np
 
 from gptoss_jax import cache as kv_cache
 from gptoss_jax.config import Config
-from gptoss_jax.bits import as_bits, value_dtype
 from gptoss_jax.model import Params, build
+from gptoss_jax.ops.bits import as_bits, value_dtype
 from gptoss_jax.tokenizer import STOP_TOKENS
 
 
@@ -244,7 +244,7 @@ def generate(config: Config, params: Params, prompts: Sequence[Sequence[int]], m
     sampling = Sampling(temperature, top_k, top_p, min_p)
     request = _validate(config, prompts, max_new_tokens, stop_tokens)
     key = jax.random.key(seed)
-    params = as_bits(params)  # no copy; see `gptoss_jax.bits`
+    params = as_bits(params)  # no copy; see `gptoss_jax.ops.bits`
     first, cache = _start(config, params, request, sampling, key, prefill_chunk)
     out, count, _ = _decode_loop(config, sampling, jnp.int32(max_new_tokens), params, cache, first,
                                  jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
@@ -261,7 +261,7 @@ def stream_generate(config: Config, params: Params, prompts: Sequence[Sequence[i
     sampling = Sampling(temperature, top_k, top_p, min_p)
     request = _validate(config, prompts, max_new_tokens, stop_tokens)
     key = jax.random.key(seed)
-    params = as_bits(params)  # no copy; see `gptoss_jax.bits`
+    params = as_bits(params)  # no copy; see `gptoss_jax.ops.bits`
     tokens, cache = _start(config, params, request, sampling, key, prefill_chunk)
     done = np.zeros(len(request.lengths), bool)
     stops = set(request.stop_tokens.tolist())

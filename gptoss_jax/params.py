@@ -22,15 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax.axes import LAYERS
 from gptoss_jax.config import Config
-from gptoss_jax.model import Params, Transformer
+from gptoss_jax.model import Params, Transformer, abstract_model
+from gptoss_jax.ops import parallel
+from gptoss_jax.quant import is_quantized
 
 Path = tuple[str, ...]
-LAYER_AXIS = "layers"
+LAYER_AXIS = LAYERS
 
 
 def _abstract_state(config: Config, dtype: Any) -> nnx.State:
-    return nnx.state(nnx.eval_shape(lambda: Transformer(config, dtype, nnx.Rngs(0))))
+    return nnx.state(abstract_model(config, dtype))
 
 
 def abstract_params(config: Config, dtype: Any = jnp.bfloat16) -> Params:
@@ -41,11 +44,13 @@ def abstract_params(config: Config, dtype: Any = jnp.bfloat16) -> Params:
 def logical_axes(config: Config) -> Params:
     """Pytree of logical axis-name tuples, one per weight (stacked weights start with `layers`)."""
 
-    def axes(variable: nnx.Variable) -> tuple[str, ...]:
+    def axes(variable: nnx.Variable) -> Any:
         names = tuple(variable.get_metadata()["axes"])
-        stacked = variable.get_value().ndim - len(names)
-        assert stacked in (0, 1), (names, variable.get_value().shape)
-        return (LAYER_AXIS,) * stacked + names
+        value = variable.get_value()
+        stacked = len(value.shape) - len(names)
+        assert stacked in (0, 1), (names, value.shape)
+        names = (LAYER_AXIS,) * stacked + names
+        return type(value).part_axes(names) if is_quantized(value) else names
 
     state = _abstract_state(config, jnp.float32)
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
@@ -65,40 +70,46 @@ def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16, mesh: 
 
     if mesh is None:
         return jax.jit(make)()
-    from gptoss_jax.sharding import param_shardings  # deferred: gptoss_jax.sharding imports this module
-
-    return jax.jit(make, out_shardings=param_shardings(config, mesh))()
+    return jax.jit(make, out_shardings=parallel.param_shardings(config, mesh))()
 
 
 def dequantize_experts(config: Config, params: Params, dtype: Any = None) -> tuple[Config, Params]:
-    """(dense config, params) equal to MXFP4 `params` with every expert matrix decoded to the dense
-    layout in `dtype` (default: the expert biases' dtype); a dense config's params are returned as they are."""
+    """(dense config, params) equal to quantized `params` with every quantized weight decoded to the
+    dense layout in `dtype` (default: the expert biases' dtype); a dense config's params as they are."""
     if config.expert_format == "dense":
         return config, params
-    from gptoss_jax import mxfp4
 
-    dense_config = dataclasses.replace(config, expert_format="dense")
-    flat, out = flatten(params), {}
-    for path, leaf in flat.items():
-        if path[-1].endswith("_scales"):
-            continue
-        if path[-1].endswith("_blocks"):
-            name = path[-1][: -len("_blocks")]
-            scales = flat[(*path[:-1], f"{name}_scales")]
-            leaf = mxfp4.dense_matrix(leaf, scales, dtype or flat[(*path[:-1], f"{name}_bias")].dtype)
-            path = (*path[:-1], name)
-        out[path] = leaf
-    return dense_config, unflatten(out)
+    def decode(path: Any, leaf: Any) -> Any:
+        if not is_quantized(leaf):
+            return leaf
+        if dtype is None:  # the sibling bias's dtype
+            node = params
+            for key in path[:-1]:
+                node = node[key.key]
+            return leaf.dequantize(node[f"{path[-1].key}_bias"].dtype)
+        return leaf.dequantize(dtype)
+
+    dense = jax.tree_util.tree_map_with_path(decode, params, is_leaf=is_quantized)
+    return dataclasses.replace(config, expert_format="dense"), dense
 
 
 def flatten(params: Params) -> dict[Path, Any]:
     """{param path: leaf} for a params-shaped pytree (tuples, such as logical axes, are leaves)."""
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, tuple))[0]
-    return {tuple(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+    return {tuple(key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
-def unflatten(flat: Mapping[Path, Any]) -> Params:
-    """Inverse of `flatten`."""
+def key_name(key: Any) -> str:
+    """The name of one pytree path entry (a dict key, or a typed weight's field)."""
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def unflatten(flat: Mapping[Path, Any], like: Any = None) -> Params:
+    """Inverse of `flatten`: nested dicts, or with `like` (a params-shaped tree, e.g. `abstract_params`)
+    its structure, typed weights included."""
+    if like is not None:
+        paths = flatten(like)
+        return jax.tree_util.tree_unflatten(jax.tree.structure(like), [flat[p] for p in paths])
     tree: Params = {}
     for path, leaf in flat.items():
         node = tree

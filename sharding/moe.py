@@ -50,7 +50,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import moe as moe_lib
-from gptoss_jax.model import EXPERT_AXES, MXFP4_EXPERT_AXES
+from gptoss_jax.adapted import Adapted
+from gptoss_jax.axes import EXPERT_AXES, LAYERS, LORA_AXES
+from gptoss_jax.ops import collectives, matmul
+from gptoss_jax.quant import is_quantized
 from gptoss_jax.sharding import rules
 
 STRATEGIES = ("auto", "all_gather", "ragged_all_to_all", "dense")
@@ -59,10 +62,6 @@ benchmarks and tests, never chosen by `auto`)."""
 
 ALL_GATHER_MAX_TOKENS = 64
 """`auto` all-gathers when a device holds at most this many tokens (decode: batch per device)."""
-
-LORA_AXES = {"gate_up": {"a": ("experts", "lora_embed", "lora_rank"), "b": ("experts", "lora_rank", "expert_mlp")},
-             "down": {"a": ("experts", "expert_mlp", "lora_rank"), "b": ("experts", "lora_rank", "lora_embed")}}
-"""Logical axes of the per-expert LoRA adapters of `gptoss_jax.train.lora` (one layer's)."""
 
 NATIVE_RAGGED_ALL_TO_ALL = frozenset({"gpu", "cuda", "rocm", "tpu"})
 
@@ -96,20 +95,15 @@ def choose_strategy(tokens_per_device: int, tokens_split_over_expert: bool, plat
     return "all_gather"
 
 
-def handles_mesh() -> bool:
-    """Whether a mesh of ours is in context and spans more than one device."""
-    sizes = rules.mesh_in_context()
-    return sizes is not None and math.prod(sizes.values()) > 1
-
-
-def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """`gptoss_jax.moe.route` per batch shard (x [b, ..., d] -> ids, weights [b, ..., k]).
+def route(x: jax.Array, router: Any, router_bias: jax.Array, top_k: int, *, sizes: dict[str, int]
+          ) -> tuple[jax.Array, jax.Array]:
+    """`gptoss_jax.moe.route` per batch shard (x [b, ..., d] -> ids, weights [b, ..., k]) on a mesh of
+    axis `sizes`.
 
     Left to the partitioner, top-k all-gathers the router logits of the whole batch on every
     device; in a shard_map each device routes its own tokens with the (replicated) router.
     """
-    sizes = rules.mesh_in_context()
-    assert sizes is not None, "gptoss_jax.sharding.moe.route needs a mesh set with jax.set_mesh"
+    router = matmul.merged(router)  # float32 [d, e], a LoRA update folded in
     shape = x.shape
     x3 = x.reshape(shape[0], -1, shape[-1])
     token_spec = rules.activation_spec(("batch", None, None), x3.shape, sizes)
@@ -126,17 +120,14 @@ def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -
     return ids.reshape(*shape[:-1], top_k), weights.reshape(*shape[:-1], top_k)
 
 
-def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: moe_lib.ExpertMatrix,
-            gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, *, alpha: float,
-            limit: float, layer: jax.Array | None = None, lora: dict[str, dict[str, jax.Array]] | None = None
-            ) -> jax.Array:
+def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: Any, gate_up_bias: jax.Array,
+            down: Any, down_bias: jax.Array, *, sizes: dict[str, int], alpha: float, limit: float,
+            layer: jax.Array | None = None) -> jax.Array:
     """Same contract as `gptoss_jax.moe.experts` (x [b, ..., d] -> float32 [b, ..., d]), sharded
-    over the mesh in context. With `layer`, gate_up and down are every layer's [layers, e, ...]
-    and `layer` picks one (read in place by the CPU grouped matmul, as on one device). `lora`:
-    per-expert adapters {"gate_up" | "down": {"a" [e, in, r], "b" [e, r, out]}}, split like their
-    expert (the intermediate side over tensor), applied inside the grouped matmuls."""
-    sizes = rules.mesh_in_context()
-    assert sizes is not None, "gptoss_jax.sharding.moe.experts needs a mesh set with jax.set_mesh"
+    over a mesh of axis `sizes`. With `layer`, gate_up and down are every layer's [layers, e, ...]
+    and `layer` picks one (read in place by the CPU grouped matmul, as on one device). The expert
+    matrices may be quantized or LoRA-adapted: every part is split like its expert (the
+    intermediate side over tensor) by its logical axes (`matrix_axes`)."""
     shape, d, top_k = x.shape, x.shape[-1], expert_ids.shape[-1]
     b = shape[0]
     x3 = x.reshape(b, -1, d)
@@ -149,39 +140,41 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     tokens_per_device = x3.shape[0] * x3.shape[1] // math.prod(sizes[a] for a in batch_axes)
     strategy = choose_strategy(tokens_per_device, over_expert, jax.default_backend(), _strategy.get())
 
-    stacked = ("layers",) if layer is not None else ()
-    if strategy == "dense" and isinstance(gate_up, dict):
-        raise ValueError("the 'dense' MoE strategy (a benchmark baseline) needs dense expert weights, not MXFP4")
+    stacked = (LAYERS,) if layer is not None else ()
+    if strategy == "dense" and any(is_quantized(w.base if isinstance(w, Adapted) else w) for w in (gate_up, down)):
+        raise ValueError("the 'dense' MoE strategy (a benchmark baseline) needs dense expert weights, not quantized ones")
     specs = [matrix_specs(name, w, stacked, sizes) for name, w in (("gate_up", gate_up), ("down", down))]
     specs = [specs[0], rules.weight_spec(("experts", "expert_mlp"), gate_up_bias.shape, sizes, what="expert bias"),
              specs[1], rules.weight_spec(("experts", "embed"), down_bias.shape, sizes, what="expert bias")]
     body = functools.partial(_shard_body, sizes=sizes, strategy=strategy, token_axes=batch_axes,
                              alpha=alpha, limit=limit, stacked=bool(stacked))
     layer = jnp.zeros((), jnp.int32) if layer is None else layer  # (a scalar whatever `stacked`)
-    lora = lora or {}
-    lora_specs = {target: {part: rules.weight_spec(LORA_AXES[target][part], lora[target][part].shape, sizes,
-                                                   what=f"expert LoRA {target}.{part}") for part in ("a", "b")}
-                  for target in lora}
-    out = jax.shard_map(body, in_specs=(token_spec, token_spec, token_spec, *specs, P(), lora_specs),
-                        out_specs=token_spec)(x3, ids3, w3, gate_up, gate_up_bias, down, down_bias, layer, lora)
+    out = jax.shard_map(body, in_specs=(token_spec, token_spec, token_spec, *specs, P()),
+                        out_specs=token_spec)(x3, ids3, w3, gate_up, gate_up_bias, down, down_bias, layer)
     return out.reshape(shape)
 
 
-def _matrix_axes(name: str, weights: moe_lib.ExpertMatrix) -> Any:
-    """Logical axes of an expert matrix (dense, or MXFP4's {"blocks", "scales"}) as model.py declares them."""
-    return MXFP4_EXPERT_AXES[name] if isinstance(weights, dict) else EXPERT_AXES[name]
+def matrix_axes(name: str, weights: Any) -> Any:
+    """Logical axes of expert matrix `name` ("gate_up" | "down"), a tree shaped like `weights` (a dense
+    array, a quantized weight or an `Adapted` one)."""
+    if isinstance(weights, Adapted):
+        return Adapted(matrix_axes(name, weights.base), LORA_AXES[name]["a"], LORA_AXES[name]["b"])
+    if is_quantized(weights):
+        return type(weights).part_axes(EXPERT_AXES[name])
+    return EXPERT_AXES[name]
 
 
-def matrix_specs(name: str, weights: moe_lib.ExpertMatrix, stacked: tuple[str, ...], sizes: dict[str, int]) -> Any:
+def matrix_specs(name: str, weights: Any, stacked: tuple[str, ...], sizes: dict[str, int]) -> Any:
     """PartitionSpec(s) of the expert matrix `name` ("gate_up" | "down"), shaped like `weights`."""
     return jax.tree.map(lambda axes, w: rules.weight_spec((*stacked, *axes), w.shape, sizes, what=f"expert {name}"),
-                        _matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
+                        matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
 
 
-def _gather_embed(name: str, weights: moe_lib.ExpertMatrix) -> moe_lib.ExpertMatrix:
+def _gather_embed(name: str, weights: Any) -> Any:
     """FSDP: all-gather this layer's local expert matrix along its `embed` axis (whole rows)."""
-    return jax.tree.map(lambda axes, w: jax.lax.all_gather(w, "fsdp", axis=axes.index("embed"), tiled=True),
-                        _matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
+    return jax.tree.map(lambda axes, w: jax.lax.all_gather(w, "fsdp", axis=axes.index("embed"), tiled=True)
+                        if "embed" in axes else w, matrix_axes(name, weights), weights,
+                        is_leaf=lambda a: isinstance(a, tuple))
 
 
 def _psum(x: jax.Array, axes: tuple[str, ...], sizes: dict[str, int]) -> jax.Array:
@@ -193,10 +186,8 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: moe_lib.ExpertMatrix,
-                gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array,
-                lora: dict[str, dict[str, jax.Array]],
-                *, sizes: dict[str, int], strategy: str,
+def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: Any, gate_up_bias: jax.Array,
+                down: Any, down_bias: jax.Array, layer: jax.Array, *, sizes: dict[str, int], strategy: str,
                 token_axes: tuple[str, ...], alpha: float, limit: float, stacked: bool) -> jax.Array:
     """One device's MoE: x [b_local, t, d] -> float32 [b_local, t, d], already reduced. `stacked`:
     the expert matrices hold every layer's ([layers, e, ...]) and `layer` picks one."""
@@ -217,9 +208,9 @@ def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: moe_lib
     over_expert = "expert" in token_axes
     # rows an expert gets on average: the CPU grouped matmul's tile (the buffers are sized for the worst case)
     group_tokens = tokens.shape[0] * (sizes["expert"] if over_expert else 1)
-    tile = moe_lib.tile_rows(group_tokens * top_k // (local_experts * sizes["expert"]))
-    ffn = functools.partial(_expert_ffn, gate_up=gate_up, gate_up_bias=gate_up_bias, down=down,
-                            down_bias=down_bias, layer=layer if stacked else None, tile=tile, lora=lora,
+    tile = matmul.tile_rows(group_tokens * top_k // (local_experts * sizes["expert"]))
+    ffn = functools.partial(moe_lib.expert_ffn, gate_up=gate_up, gate_up_bias=gate_up_bias, down=down,
+                            down_bias=down_bias, layer=layer if stacked else None, tile=tile,
                             alpha=alpha, limit=limit)
 
     if strategy == "ragged_all_to_all":
@@ -231,25 +222,12 @@ def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: moe_lib
             tokens, ids, gates = (jax.lax.all_gather(a, "expert", tiled=True) for a in (tokens, ids, gates))
         local = _dense_local_experts if strategy == "dense" else _sorted_local_experts
         out = local(tokens, ids, gates, ffn, first_expert, local_experts, gate_up, gate_up_bias, down,
-                    down_bias, alpha, limit, lora)
+                    down_bias, alpha, limit)
         if over_expert:
             out = _psum(jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True), ("tensor",), sizes)
         else:
             out = _psum(out, ("expert", "tensor"), sizes)
     return out.reshape(shape)
-
-
-def _expert_ffn(x_sorted: jax.Array, local_ids: jax.Array, group_sizes: jax.Array, *,
-                gate_up: moe_lib.ExpertMatrix, gate_up_bias: jax.Array, down: moe_lib.ExpertMatrix, down_bias: jax.Array, layer: jax.Array | None,
-                tile: int, lora: dict[str, dict[str, jax.Array]], alpha: float, limit: float) -> jax.Array:
-    """The local experts on rows sorted by local expert (group_sizes [local experts] rows each;
-    rows past them are ignored) -> float32 [rows, d], as gptoss_jax.moe.experts computes them."""
-    idx = jnp.clip(local_ids, 0, gate_up_bias.shape[0] - 1)
-    hidden = moe_lib.expert_matmul(x_sorted, gate_up, group_sizes, layer, lora.get("gate_up"), tile=tile)
-    hidden = hidden + gate_up_bias[idx].astype(jnp.float32)
-    activated = moe_lib.swiglu(hidden, alpha, limit).astype(x_sorted.dtype)
-    y = moe_lib.expert_matmul(activated, down, group_sizes, layer, lora.get("down"), tile=tile)
-    return y + down_bias[idx].astype(jnp.float32)
 
 
 def _sorted_local_experts(tokens, ids, gates, ffn, first_expert, local_experts, *_):
@@ -268,22 +246,14 @@ def _sorted_local_experts(tokens, ids, gates, ffn, first_expert, local_experts, 
 
 
 def _dense_local_experts(tokens, ids, gates, ffn, first_expert, local_experts, gate_up, gate_up_bias,
-                         down, down_bias, alpha, limit, lora):
+                         down, down_bias, alpha, limit):
     """Baseline: every local expert on every token of the group, weighted by its gate (0 if unrouted)."""
     del ffn
-
-    def matmul(x, w, adapter):  # x [e, m, in] @ w [e, in, out] (+ LoRA)
-        y = jnp.einsum("emi,eio->emo", x, w, preferred_element_type=jnp.float32)
-        if adapter is not None:
-            low = jnp.einsum("emi,eir->emr", x.astype(adapter["a"].dtype), adapter["a"])
-            y = y + jnp.einsum("emr,ero->emo", low, adapter["b"], preferred_element_type=jnp.float32)
-        return y
-
     every = jnp.broadcast_to(tokens, (local_experts, *tokens.shape))  # a batched matmul: XLA:CPU's best form
-    hidden = matmul(every, gate_up, lora.get("gate_up"))
+    hidden = matmul.project("emi,eio->emo", every, gate_up)
     hidden = hidden + gate_up_bias[:, None].astype(jnp.float32)
     activated = moe_lib.swiglu(hidden, alpha, limit).astype(tokens.dtype)
-    y = matmul(activated, down, lora.get("down"))
+    y = matmul.project("emi,eio->emo", activated, down)
     y = y + down_bias[:, None].astype(jnp.float32)
     which = ids[:, :, None] == first_expert + jnp.arange(local_experts)  # [m, k, e]
     weight = jnp.einsum("mke,mk->me", which.astype(jnp.float32), gates.astype(jnp.float32))
@@ -314,7 +284,7 @@ def _ragged_all_to_all_experts(tokens, ids, gates, ffn, local_experts: int, shar
     send_offsets = _exclusive_cumsum(send_sizes)  # where each destination's rows start in x_send
     land_offsets = _exclusive_cumsum(sizes, axis=0)  # [source, destination]: start in destination's buffer
     capacity = shards * m * min(top_k, local_experts)  # worst case: every shard sends everything here
-    x_recv = ragged_all_to_all(x_send, buffer(capacity, x_send.dtype), send_offsets, send_sizes,
+    x_recv = collectives.ragged_all_to_all(x_send, buffer(capacity, x_send.dtype), send_offsets, send_sizes,
                                land_offsets[me], recv_sizes, axis_name="expert", axis_size=shards)
 
     # received rows: chunks by source shard, each sorted by local expert
@@ -327,36 +297,7 @@ def _ragged_all_to_all_experts(tokens, ids, gates, ffn, local_experts: int, shar
     y_recv = jnp.zeros_like(y2).at[order2].set(y2)
 
     back_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]  # where my rows started in each source's x_send
-    y_sorted = ragged_all_to_all(y_recv, buffer(m * top_k, jnp.float32), land_offsets[:, me],
+    y_sorted = collectives.ragged_all_to_all(y_recv, buffer(m * top_k, jnp.float32), land_offsets[:, me],
                                  recv_sizes, back_offsets, send_sizes, axis_name="expert", axis_size=shards)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(m, top_k, d)
     return jnp.einsum("mkd,mk->md", y, gates.astype(jnp.float32))
-
-
-# ---------------------------------------------------------------------------------------------
-# Platform-dependent kernels: the native op on GPU / TPU, a stand-in on CPU.
-
-def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array, send_sizes: jax.Array,
-                      output_offsets: jax.Array, recv_sizes: jax.Array, *, axis_name: str,
-                      axis_size: int) -> jax.Array:
-    """`jax.lax.ragged_all_to_all` (same arguments); on CPU, `_emulated_ragged_all_to_all`."""
-    native = functools.partial(jax.lax.ragged_all_to_all, axis_name=axis_name)
-    emulated = functools.partial(_emulated_ragged_all_to_all, axis_name=axis_name, axis_size=axis_size)
-    return jax.lax.platform_dependent(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                      cpu=emulated, default=native)
-
-
-def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                axis_name: str, axis_size: int):
-    """ragged_all_to_all's semantics from a dense all_to_all of fixed-size slots (XLA:CPU has no
-    ragged-all-to-all). A slot holds the largest possible chunk: min(operand rows, output rows)."""
-    slot = min(operand.shape[0], output.shape[0])
-    lanes = jnp.arange(slot)
-    rows = jnp.minimum(input_offsets[:, None] + lanes, operand.shape[0] - 1)
-    sending = (lanes < send_sizes[:, None]).reshape(*rows.shape, *(1,) * (operand.ndim - 1))
-    slots = jnp.where(sending, operand[rows], 0)  # [peers, slot, ...]
-    received = jax.lax.all_to_all(slots, axis_name, 0, 0, tiled=True)
-    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # senders' offsets into me
-    target = jnp.where(lanes < recv_sizes[:, None], offsets[:, None] + lanes, output.shape[0])
-    return output.at[target.reshape(-1)].set(received.reshape(axis_size * slot, *operand.shape[1:]),
-                                             mode="drop")

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gptoss_jax import cache as kv_cache, params as params_lib
 from gptoss_jax.config import Config
 from gptoss_jax.sharding.mesh import MESH_AXES, axis_sizes, parse_mesh_spec
 
@@ -44,7 +45,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mxfp4_bytes": (),  # the 16 bytes of an MXFP4 block (its blocks split along their own logical axis)
     "expert_mlp": ("tensor",),
     "vocab": ("tensor",),
-    # LoRA adapters (sharding/moe.py's LORA_AXES): whole rows, small enough not to split over fsdp
+    # LoRA adapters (axes.py's LORA_AXES): whole rows, small enough not to split over fsdp
     "lora_rank": (),
     "lora_embed": (),
     # activations
@@ -52,7 +53,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "seq": (),
     "act_embed": (),
     "act_vocab": ("tensor",),
-    # the KV cache (cache.py's CACHE_AXES; `layers` and `head_dim` as above): the batch as the
+    # the KV cache (axes.py's CACHE_AXES; `layers` and `head_dim` as above): the batch as the
     # activations' batch and the KV heads as the K/V weights, so attention uses its shard in place
     "cache_batch": ("data", "fsdp", "expert"),
     "cache_slots": (),
@@ -78,9 +79,6 @@ PRESETS: dict[str, tuple[str, str]] = {
                                               "crosses hosts), experts and tensor inside a host"),
 }
 """Mesh specs for typical machines: name -> (spec, when to use it)."""
-
-GOLDEN_PRESETS = ("gpu-8", "gpu-8-tp", "gpu-8-train", "tpu-v5p-32", "hosts-2x8")
-"""Presets whose partition specs for 20b and 120b are kept in tests/fixtures (a sharding change is a diff)."""
 
 Sizes = Mapping[str, int]
 
@@ -172,8 +170,6 @@ def partition_specs(config: Config, mesh: Any) -> Any:
 
     `mesh`: a Mesh, an AbstractMesh, a spec string ("expert=4,tensor=2", no -1) or {axis: size}.
     """
-    from gptoss_jax import params as params_lib
-
     sizes = _sizes(mesh)
     check_config(config, sizes)
     shapes = params_lib.abstract_params(config)
@@ -201,45 +197,16 @@ def _sizes(mesh: Any) -> dict[str, int]:
     return axis_sizes(mesh)
 
 
-def mesh_in_context() -> dict[str, int] | None:
-    """Axis sizes of the mesh set with `jax.set_mesh` if it is one of ours (axes from MESH_AXES,
-    none of them manual, i.e. not inside a shard_map), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(mesh.axis_names) <= set(MESH_AXES) or mesh.manual_axes:
-        return None
-    return axis_sizes(mesh)
-
-
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on activation `x` by logical axis names; identity without one of our
-    meshes in context. The model calls this through its hook (model.py's `_constrain`)."""
-    sizes = mesh_in_context()
-    if sizes is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, activation_spec(logical, x.shape, sizes))
-
-
 def cache_specs(cache: Any, mesh: Any) -> Any:
     """Pytree of PartitionSpec shaped like `cache` (a KV cache of arrays or ShapeDtypeStructs, see
     gptoss_jax/cache.py), each leaf split by `activation_spec` on its `CACHE_AXES`: the batch over
     the longest prefix of (data, fsdp, expert) that divides it, KV heads over tensor when it divides
     them (replicated otherwise). `mesh`: as for `partition_specs`."""
-    from gptoss_jax import cache as kv_cache
-
     sizes = _sizes(mesh)
     if set(cache) != set(kv_cache.KINDS):
         raise ValueError(f"not a KV cache: top-level keys {sorted(cache)}, expected {list(kv_cache.KINDS)}")
     return jax.tree.map(lambda axes, leaf: activation_spec(axes, leaf.shape, sizes), kv_cache.logical_axes(),
                         cache, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def constrain_cache(cache: Any) -> Any:
-    """`cache` with each leaf constrained to `cache_specs` on the mesh in context; identity without
-    one of our meshes (gptoss_jax/cache.py's `constrain` calls this)."""
-    sizes = mesh_in_context()
-    if sizes is None:
-        return cache
-    return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_specs(cache, sizes))
 
 
 def spec_table(config: Config, mesh: Any) -> dict[str, list[str | list[str] | None]]:

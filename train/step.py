@@ -39,9 +39,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptoss_jax import model as model_lib
+from gptoss_jax import adapted, model as model_lib
 from gptoss_jax.config import Config
+from gptoss_jax.ops import bits
 from gptoss_jax.params import Params
+from gptoss_jax.sharding import axis_sizes, rules
 from gptoss_jax.train.lora import LoraConfig, check_settings, init_lora, model_adapters
 
 Batch = dict[str, jax.Array]
@@ -123,9 +125,9 @@ def loss_sums(config: Config, params: Params, adapters: Params | None, micro: Ba
               remat: str | None = "full", loss_chunk: int = 128) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) of one micro-batch [b, t]; `adapters` as
     `forward(..., lora=)` takes them (`lora.model_adapters`); packed rows' `segments` go to attention."""
-    model = model_lib.build(config, params)
-    x, _, _ = model(micro["inputs"], micro["positions"], lora=adapters, remat=remat, segments=micro.get("segments"))
-    total = chunked_cross_entropy(x, params["unembed"], micro["targets"], micro["weights"], loss_chunk)
+    model = model_lib.build(config, adapted.attach(params, adapters))
+    x, _, _ = model(micro["inputs"], micro["positions"], remat=remat, segments=micro.get("segments"))
+    total = chunked_cross_entropy(x, bits.read(params["unembed"]), micro["targets"], micro["weights"], loss_chunk)
     return total, jnp.sum(micro["weights"].astype(jnp.float32))
 
 
@@ -141,8 +143,6 @@ def loss_fn(config: Config, params: Params, lora: Params, lc: LoraConfig, micro:
 def _batch_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
     if mesh is None:
         return ()
-    from gptoss_jax.sharding import axis_sizes, rules
-
     sizes = axis_sizes(mesh)
     return tuple(a for a in rules.RULES["batch"] if sizes.get(a, 1) > 1)
 
@@ -159,16 +159,6 @@ def make_train_step(config: Config, params: Params, lc: LoraConfig, oc: OptimCon
     lr_schedule = schedule(oc)
     batch_axes = _batch_axes(mesh)
     per_device = mesh is not None and not _has_model_split(mesh)
-    if mesh is not None and not per_device and lc.experts:
-        import inspect
-
-        from gptoss_jax.sharding import moe as sharded
-
-        if "lora" not in inspect.signature(sharded.experts).parameters:
-            raise NotImplementedError(
-                "expert LoRA on a mesh with an expert or tensor axis needs gptoss_jax.sharding.moe.experts to "
-                "take `lora=` (per-expert adapters inside its shard_map); use a data-parallel mesh "
-                "(e.g. data=8) or attention-only LoRA")
 
     def grads_and_sums(params: Params, lora: Params, batch: Batch, key: jax.Array):
         def micro_step(carry, micro_and_index):
@@ -210,11 +200,13 @@ def make_train_step(config: Config, params: Params, lc: LoraConfig, oc: OptimCon
 
     jitted = jax.jit(step, donate_argnums=(1,) if donate else ())
 
+    base = bits.as_bits(params)  # no copy; see `gptoss_jax.ops.bits`
+
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         if mesh is not None and not per_device:
             with jax.set_mesh(mesh):
-                return jitted(params, state, batch)
-        return jitted(params, state, batch)
+                return jitted(base, state, batch)
+        return jitted(base, state, batch)
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
     return train_step
@@ -222,8 +214,6 @@ def make_train_step(config: Config, params: Params, lc: LoraConfig, oc: OptimCon
 
 def _has_model_split(mesh: jax.sharding.Mesh) -> bool:
     """Whether the mesh splits weights (expert or tensor axes > 1) rather than only the batch."""
-    from gptoss_jax.sharding import axis_sizes, rules
-
     sizes = axis_sizes(mesh)
     model_axes = {a for name in ("experts", "expert_mlp", "q_heads") for a in rules.RULES[name]}
     return any(sizes.get(a, 1) > 1 for a in model_axes)

@@ -9,6 +9,7 @@ buffers instead (no copy); the model slices the bits and bitcasts only the slice
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -42,3 +43,14 @@ def read(table: jax.Array, index: Any = None) -> jax.Array:
 def value_dtype(table: jax.Array) -> Any:
     """The dtype `read` gives for `table`."""
     return jnp.bfloat16 if table.dtype == BITS else table.dtype
+
+
+def layer_slice(tree: Any, index: jax.Array, keep: tuple[str, ...]) -> Any:
+    """One layer's slice of stacked params `tree` (each leaf's `index`-th entry along axis 0, read as
+    above), except the subtrees under a key in `keep`, which stay stacked (read in place later)."""
+    def one(path: Any, node: Any) -> Any:
+        if path and str(getattr(path[-1], "key", "")) in keep:
+            return node
+        return jax.tree.map(lambda leaf: read(leaf, index), node)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda node: dataclasses.is_dataclass(node))

@@ -1,0 +1,10 @@
+"""Every platform-dependent choice, behind plain functions (model code calls these, never names a platform).
+
+- `parallel`: the one reader of the mesh context (`jax.set_mesh`); what `gptoss_jax.sharding` plugs in.
+- `bits`: bfloat16 weights passed to jitted steps as their raw bits on CPU.
+- `matmul`: projections, the unembedding, the grouped expert matmul; typed weights (quantized,
+  LoRA-adapted) are read here.
+- `attention`: rotary embeddings and attention with sinks.
+- `mxfp4`: the MXFP4 matmul kernel (pure JAX).
+- `collectives`: ragged all-to-all (native, or a stand-in on CPU).
+"""

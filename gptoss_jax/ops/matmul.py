@@ -1,0 +1,233 @@
+"""Where weights are read and multiplied: projections, the unembedding, the grouped expert matmul.
+
+Weights come as arrays (bfloat16 ones possibly as their bits, see `ops.bits`), quantized weights
+(`gptoss_jax.quant`) or LoRA-adapted ones (`gptoss_jax.adapted.Adapted`); this module alone tells
+them apart, so model code reads every format the same way. Platform choices, each with the
+measurement behind it:
+
+- projections: XLA:CPU runs a bfloat16 product with a single row ~12x slower than one with two rows
+  (0.26 against 3.2 Gparam/s on the unembedding), so there a single row is duplicated;
+- the unembedding: XLA:CPU multiplies bfloat16 matrices by converting them to float32 first (for
+  gpt-oss a 2.3 GB temporary per step), so on CPU it converts `UPCAST_CHUNK_BYTES` of rows at a time;
+- the grouped expert matmul: `jax.lax.ragged_dot` on GPU and TPU; XLA:CPU lowers ragged_dot to a
+  masked dense product ~30x slower, so on CPU a tiled scan computes only the rows in groups.
+  Quantized experts take the tiled scan everywhere (only routed experts are decoded).
+
+Dimension letters: m rows, g groups (experts), r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.adapted import Adapted
+from gptoss_jax.ops import bits
+from gptoss_jax.quant import is_quantized
+
+Weight = Any
+"""An array, a quantized weight, or an `Adapted` one."""
+
+
+def dtype_of(w: Weight) -> Any:
+    """The dtype a weight computes in (a bfloat16 weight passed as bits: bfloat16)."""
+    base = w.base if isinstance(w, Adapted) else w
+    return bits.value_dtype(base)
+
+
+def merged(w: Weight) -> jax.Array:
+    """The weight as one float32 array, a LoRA update folded in (small weights: the router)."""
+    if isinstance(w, Adapted):
+        return merged(w.base) + w.a @ w.b
+    return bits.read(w).astype(jnp.float32)
+
+
+def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """einsum(spec, x, kernel) accumulated and returned in float32 (kernel a plain array)."""
+    kernel = bits.read(kernel)
+
+    def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
+
+    x_spec, out_spec = spec.split(",")[0], spec.split("->")[1]
+    rows = x.size // x.shape[-1] if x_spec.startswith("...") else \
+        math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
+    if rows != 1 or x.dtype != jnp.bfloat16:
+        return plain(x, kernel)
+
+    def two_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return plain(jnp.concatenate([x, x]), kernel)[:1]
+
+    return jax.lax.platform_dependent(x, kernel, cpu=two_rows, default=plain)
+
+
+def _low_rank_specs(spec: str) -> tuple[str, str]:
+    """"btd,dnh->btnh" -> ("btd,dr->btr", "btr,rnh->btnh"): the two products of (x @ a) @ b."""
+    inputs, out = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    rank = next(c for c in "rzyxwq" if c not in spec)
+    contracted = "".join(c for c in w_spec if c not in out)
+    w_out = "".join(c for c in w_spec if c in out)
+    x_kept = "".join(c for c in x_spec if c not in contracted)
+    return f"{x_spec},{contracted}{rank}->{x_kept}{rank}", f"{x_kept}{rank},{rank}{w_out}->{out}"
+
+
+def _dropout(x: jax.Array, w: Adapted) -> jax.Array:
+    """Inverted dropout of an adapter's input (x itself without dropout)."""
+    if w.dropout_key is None:
+        return x
+    keep = jax.random.bernoulli(w.dropout_key, 1.0 - w.dropout_rate, x.shape)
+    return jnp.where(keep, x.astype(jnp.float32) / (1.0 - w.dropout_rate), 0.0)
+
+
+def project(spec: str, x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
+    """einsum(spec, x, w) (+ bias), accumulated and returned in float32; x's leading axis a batch axis.
+
+    An `Adapted` w adds (dropout(x) @ a) @ b in float32."""
+    if isinstance(w, Adapted):
+        y = project(spec, x, w.base)
+        spec_a, spec_b = _low_rank_specs(spec)
+        low = jnp.einsum(spec_a, _dropout(x, w).astype(w.a.dtype), w.a, preferred_element_type=jnp.float32)
+        y = y + jnp.einsum(spec_b, low, w.b, preferred_element_type=jnp.float32)
+    else:
+        y = _einsum(spec, x, w)
+    return y if bias is None else y + bits.read(bias).astype(jnp.float32)
+
+
+def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of table [v, d] for int tokens [...] -> [..., d] in the table's value dtype."""
+    return bits.read(table, tokens)
+
+
+UPCAST_CHUNK_BYTES = 64 << 20
+"""float32 bytes of the unembedding converted at a time on CPU (see the module docstring)."""
+
+
+def unembed(x: jax.Array, table: jax.Array, chunked: bool = True) -> jax.Array:
+    """x [..., d] @ table [v, d].T -> float32 [..., v]. `chunked=False` (on a mesh): one einsum."""
+    x = x.astype(bits.value_dtype(table))
+    v, d = table.shape
+    chunks = max((c for c in range(1, 257) if v % c == 0 and v // c * d * 4 >= UPCAST_CHUNK_BYTES), default=1)
+    if bits.value_dtype(table) == jnp.float32 or chunks == 1 or not chunked:
+        return _einsum("...d,vd->...v", x, table)
+
+    def by_chunks(x: jax.Array, table: jax.Array) -> jax.Array:
+        rows = x.reshape(-1, d).astype(jnp.float32)
+
+        def one_chunk(_: None, chunk: jax.Array) -> tuple[None, jax.Array]:
+            return None, jnp.einsum("vd,md->mv", bits.read(chunk).astype(jnp.float32), rows)
+
+        _, y = jax.lax.scan(one_chunk, None, table.reshape(chunks, v // chunks, d))  # [chunks, m, v / chunks]
+        return jnp.moveaxis(y, 0, 1).reshape(*x.shape[:-1], v)
+
+    return jax.lax.platform_dependent(x, table, cpu=by_chunks, default=lambda x, t: _einsum("...d,vd->...v", x, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# The grouped expert matmul
+
+def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None = None,
+                   tile: int | None = None) -> jax.Array:
+    """Rows of x [m, in] grouped consecutively (group_sizes [g]) times w [g, in, out] -> float32 [m, out],
+    zero past the last group. The one grouped matmul of the experts, on one device and inside
+    `gptoss_jax.sharding`'s shard_map.
+
+    With `layer`, w holds every layer's matrices ([layers, g, in, out]) and `layer` picks one: a scan
+    over layers then reads the weights in place, where a slice taken outside would be copied. w may
+    be quantized (decoded per tile) or `Adapted` (per-group factors a [(layers,) g, in, r], b [(layers,) g, r, out]).
+    """
+    base = w.base if isinstance(w, Adapted) else w
+    if is_quantized(base):
+        return _tiled_grouped_matmul(x, w, group_sizes, layer=layer, tile=tile)
+    cpu = functools.partial(_tiled_grouped_matmul, layer=layer, tile=tile)
+    return jax.lax.platform_dependent(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
+
+
+def _ragged_dot(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None) -> jax.Array:
+    if layer is not None:
+        w = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, layer, keepdims=False), w)
+    if isinstance(w, Adapted):
+        y = jax.lax.ragged_dot(x, bits.read(w.base), group_sizes, preferred_element_type=jnp.float32)
+        low = jax.lax.ragged_dot(x.astype(w.a.dtype), w.a, group_sizes, preferred_element_type=jnp.float32)
+        return y + jax.lax.ragged_dot(low, w.b, group_sizes, preferred_element_type=jnp.float32)
+    return jax.lax.ragged_dot(x, bits.read(w), group_sizes, preferred_element_type=jnp.float32)
+
+
+def tile_rows(rows_per_group: int) -> int:
+    """Power of two >= the rows a group gets on average, in [8, 128]."""
+    return int(min(128, max(8, 1 << max(0, math.ceil(math.log2(max(1, rows_per_group)))))))
+
+
+def _index_group(leaf: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
+    """leaf[index] for leading indices (layer, group) or (group,), read in place."""
+    rest = leaf.shape[len(index):]
+    start = (*index, *(jnp.zeros((), jnp.int32),) * len(rest))
+    return jax.lax.dynamic_slice(leaf, start, (*(1,) * len(index), *rest)).reshape(rest)
+
+
+def _group_product(x_tile: jax.Array, w: Weight, index: tuple[jax.Array, ...]) -> jax.Array:
+    """x_tile [tile, in] @ w[index] -> float32 [tile, out]."""
+    if isinstance(w, Adapted):
+        a, b = _index_group(w.a, index), _index_group(w.b, index)
+        low = jnp.dot(x_tile.astype(a.dtype), a, preferred_element_type=jnp.float32)
+        return _group_product(x_tile, w.base, index) + jnp.dot(low, b, preferred_element_type=jnp.float32)
+    if is_quantized(w):
+        return w.matmul(x_tile, index)
+    return jnp.dot(x_tile, bits.read(_index_group(w, index)), preferred_element_type=jnp.float32)
+
+
+def _out_columns(w: Weight) -> int:
+    base = w.base if isinstance(w, Adapted) else w
+    return base.shape[-1]
+
+
+def _tiled_grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None = None,
+                          tile: int | None = None) -> jax.Array:
+    """Grouped matmul that computes only the rows in groups.
+
+    Each group's rows are padded to whole tiles, so a tile belongs to one group; a scan over the
+    (static) worst-case tile count multiplies the used tiles by their group's weights and skips
+    the rest. Differentiable (scan + cond), for fine-tuning.
+    """
+    rows, groups, columns = x.shape[0], group_sizes.shape[0], _out_columns(w)
+    tile = tile or tile_rows(rows // groups)
+    # sum_g ceil(n_g / tile) <= rows / tile + (groups with rows): 5 tiles, not 33, for a decode token's 4 rows
+    num_tiles = -(-rows // tile) + min(groups, rows)
+    ends = jnp.cumsum(group_sizes)
+    padded = (group_sizes + tile - 1) // tile * tile
+    padded_ends = jnp.cumsum(padded)
+    row = jnp.arange(rows)
+    group = jnp.searchsorted(ends, row, side="right")  # `groups` for rows past the last group
+    valid = group < groups
+    group = jnp.minimum(group, groups - 1)
+    slot = jnp.where(valid, padded_ends[group] - padded[group] + row - (ends[group] - group_sizes[group]),
+                     num_tiles * tile)
+    x_tiles = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[slot].set(x, mode="drop")
+    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right"),
+                             groups - 1)
+    used = padded_ends[-1] // tile
+
+    def typed_zeros(x_tile: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
+        # [tile, columns] of zeros that depend on every input like the product does (inside shard_map,
+        # both branches of the cond must vary over the same mesh axes), with no matmul
+        probes = [x_tile[:1, :1]] + [_index_group(leaf, index).reshape(-1)[:1] for leaf in jax.tree.leaves(w)]
+        return functools.reduce(lambda acc, f: acc * (0 * f).astype(jnp.float32).reshape(-1)[0], probes,
+                                jnp.zeros((tile, columns), jnp.float32))
+
+    def one_tile(_, inputs):
+        t, x_tile, g = inputs
+        index = (g,) if layer is None else (layer, g)
+        y = jax.lax.cond(t < used, lambda: _group_product(x_tile, w, index), lambda: typed_zeros(x_tile, index))
+        return None, y
+
+    # Under differentiation (fine-tuning), recompute each tile's weight read in the backward pass
+    # instead of saving every tile's [in, out] slice as a residual (a no-op for inference).
+    one_tile = jax.checkpoint(one_tile, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    _, y_tiles = jax.lax.scan(one_tile, None, (jnp.arange(num_tiles), x_tiles.reshape(num_tiles, tile, -1),
+                                               tile_group))
+    y = y_tiles.reshape(num_tiles * tile, -1)[jnp.minimum(slot, num_tiles * tile - 1)]
+    return jnp.where(valid[:, None], y, 0.0)
