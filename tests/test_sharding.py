@@ -171,14 +171,17 @@ def test_param_shardings_match_abstract_params():
 @pytest.mark.parametrize("config_name", ["gpt-oss-20b", "gpt-oss-120b"])
 def test_partition_specs_golden(config_name):
     """Param path -> PartitionSpec under the main presets, as committed: a sharding change is a diff
-    (regenerate with GPTOSS_JAX_UPDATE_GOLDEN=1)."""
+    (GPTOSS_JAX_UPDATE_GOLDEN=1 rewrites the file and fails, so that the rewrite gets reviewed)."""
     config = gptoss_jax.load_config(config_name)
     table = {name: {"mesh": sharding.PRESETS[name][0],
                     "specs": sharding.rules.spec_table(config, sharding.PRESETS[name][0])}
              for name in sharding.GOLDEN_PRESETS}
     path = FIXTURES / f"partition_specs_{config_name}.json"
-    if UPDATE_GOLDEN:
+    if UPDATE_GOLDEN:  # a rewritten golden proves nothing until reviewed: never a pass
+        changed = not path.exists() or path.read_text() != _golden_json(table)
         path.write_text(_golden_json(table))
+        pytest.fail(f"GPTOSS_JAX_UPDATE_GOLDEN=1: rewrote {path} ({'changed' if changed else 'unchanged'}); "
+                    "review `git diff` of it, then run again without GPTOSS_JAX_UPDATE_GOLDEN", pytrace=False)
     assert path.exists(), f"{path} missing: run with GPTOSS_JAX_UPDATE_GOLDEN=1"
     golden = json.loads(path.read_text())
     for name in table:
