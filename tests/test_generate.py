@@ -2,6 +2,7 @@
 buckets and compilation reuse; the KV cache's sharding on a mesh."""
 
 import dataclasses
+import itertools
 import re
 
 import jax
@@ -199,6 +200,58 @@ def _assert_cache_sharded(cache, mesh, expected, what):
             assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (what, kind, name, leaf.sharding.spec)
 
 
+def _cache_gather_shapes(cache: kv_cache.Cache) -> dict[tuple[int, ...], str]:
+    """{dims: leaf} of every array an all-gather of a cache leaf (sharded) can produce: each dim from
+    its shard's size up to the full one, the shard itself excluded; k and v also as one layer's
+    slice [(1,) b, slots, kv_heads, head_dim] (inside the scan over layer pairs)."""
+    found = {}
+    for kind, leaves in cache.items():
+        for name, leaf in leaves.items():
+            local, what = leaf.sharding.shard_shape(leaf.shape), f"{kind}/{'k|v' if name in ('k', 'v') else name}"
+            options = [[n // k for k in range(1, n // m + 1) if (n // m) % k == 0] for n, m in zip(leaf.shape, local)]
+            for dims in itertools.product(*options):
+                if dims != tuple(local):
+                    found.setdefault(dims, what)
+                    if name != "positions":
+                        found.setdefault(dims[1:], f"{what} (one layer)")
+                        found.setdefault((1, *dims[1:]), f"{what} (one layer)")
+    return found
+
+
+def _cache_all_gathers(hlo: str, cache: kv_cache.Cache) -> list[str]:
+    """The all-gathers in `hlo` of cache-shaped arrays (see `_cache_gather_shapes`) or of any array
+    with a dim of some kind's slot count (the full layers' max_len, the sliding layers' ring)."""
+    shapes = _cache_gather_shapes(cache)
+    slots = {kind: leaves["positions"].shape[1] for kind, leaves in cache.items()}
+    found = []
+    for match in re.finditer(r"= (\([^=]*?\)|\S+) all-gather(?:-start)?\(", hlo):
+        for part in re.findall(r"\w+\[([\d,]*)\]", match.group(1)):
+            dims = tuple(int(x) for x in part.split(",") if x)
+            kinds = [kind for kind, n in slots.items() if n in dims]
+            if dims in shapes or kinds:
+                found.append(f"{list(dims)} ({shapes.get(dims) or ', '.join(kinds) + ' slots'})")
+    return found
+
+
+def test_cache_all_gather_check_sees_both_kinds():
+    """The check below knows the gathered shapes of both kinds' caches, the sliding layers' ring too."""
+    from gptoss_jax.sharding import cache_specs, make_mesh
+
+    config, mesh = gptoss_jax.load_config("tiny-ep"), make_mesh("data=2,tensor=2", devices=jax.devices()[:4])
+    cache = kv_cache.init_cache(config, 2, 64, jnp.float32)
+    cache = jax.device_put(cache, jax.tree.map(lambda spec: jax.NamedSharding(mesh, spec), cache_specs(cache, mesh),
+                                               is_leaf=lambda x: isinstance(x, jax.P)))
+    shapes = _cache_gather_shapes(cache)
+    window = config.sliding_window
+    assert shapes[(2, 2, window, 2, 6)] == "sliding/k|v" and shapes[(1, 2, window, 2, 6)] == "sliding/k|v (one layer)"
+    assert shapes[(2, window)] == "sliding/positions" and shapes[(2, 2, 64, 1, 6)] == "full/k|v"
+    assert (2, 1, window, 1, 6) not in shapes and (1, 64) not in shapes  # the shards themselves
+    hlo = f"%a = f32[2,{window},2,6]{{3,2,1,0}} all-gather(f32[1,{window},1,6] %x)\n" \
+          f"%b = (f32[8,{window}]{{1,0}}, s32[3]{{0}}) all-gather(%y, %z)\n%c = f32[2,6]{{1,0}} all-gather(%w)"
+    assert _cache_all_gathers(hlo, cache) == [f"[2, {window}, 2, 6] (sliding/k|v (one layer))",
+                                              f"[8, {window}] (sliding slots)"]
+
+
 @pytest.mark.parametrize("spec, devices", [("data=2,tensor=2", 4), ("data=2,expert=2,tensor=2", 8)])
 def test_cache_is_sharded_on_a_mesh(spec, devices):
     """The cache is made in its sharding (batch over data, KV heads over tensor), keeps it through
@@ -225,8 +278,7 @@ def test_cache_is_sharded_on_a_mesh(spec, devices):
                 assert local == leaf.nbytes // (4 if name in ("k", "v") else 2), (spec, kind, name, local, leaf.nbytes)
         args = (params, cache, first, jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
         loop = _decode_loop.lower(config, sampling, jnp.int32(new), *args).compile()
-        gathered = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", loop.as_text())
-                    if str(request.max_len) in m.group(1).split(",")]
+        gathered = _cache_all_gathers(loop.as_text(), cache)
         assert not gathered, f"{spec}: the decode loop all-gathers cache-sized arrays {gathered}"
         out, count, cache = loop(jnp.int32(new), *args)
         _assert_cache_sharded(cache, mesh, layout, "after the decode loop")
