@@ -24,11 +24,16 @@ def test_logits_and_every_layer_match_reference(golden):
 
 def test_bfloat16_argmax_agrees_with_float32(golden):
     """bfloat16 weights and matmuls pick float32's argmax at least as often as transformers' own
-    bfloat16 model does, on the same weights and 8 x 128 tokens.
+    bfloat16 model does, on the same weights and 8 x 128 tokens, and their logits are as close to
+    transformers' bfloat16 logits as those are to float32.
 
     The tiny random models have flat logits and near-tie routing, so even transformers' bfloat16
     agrees with its float32 on only 92-95% of positions (stored in the fixture): that figure, not a
-    fixed 99%, is the bar a random model allows.
+    fixed 99%, is the bar a random model allows. The same near-ties send a few positions to other
+    experts (errors ~50x the rest), so logit errors are taken at a typical position: the median over
+    positions of the RMS over the vocabulary, bounded by transformers' own bfloat16 error (measured:
+    ours vs transformers' bfloat16 0.92-0.96x it; ours vs float32 0.60-0.62x, since our residual
+    stream stays float32 where transformers' is rounded to bfloat16 in every layer).
     """
     run = jax.jit(lambda p, t: gptoss_jax.forward(golden.config, p, t))
     full_params, half_params = golden.params(np.float32), golden.params(jnp.bfloat16)
@@ -37,6 +42,17 @@ def test_bfloat16_argmax_agrees_with_float32(golden):
     agreement = np.mean(full.argmax(-1) == half.argmax(-1))
     assert agreement >= max(reference, 0.9), (
         f"bfloat16 argmax agrees with float32 on {agreement:.1%}; transformers' bfloat16: {reference:.1%}")
+
+    def typical(error: np.ndarray) -> float:
+        return float(np.median(np.sqrt(np.mean(np.square(error, dtype=np.float64), axis=-1))))
+
+    own = float(golden.outputs["bf16_error"])  # transformers' bfloat16 vs its float32
+    assert golden.outputs["bf16_logits"].shape == half.shape and 0 < own < 0.1
+    to_reference, to_float32 = typical(half - golden.outputs["bf16_logits"]), typical(half - full)
+    assert to_reference <= 1.1 * own, (
+        f"bfloat16 logits {to_reference:.4f} from transformers' bfloat16; its own error: {own:.4f}")
+    assert to_float32 <= 0.75 * own, (
+        f"bfloat16 logits {to_float32:.4f} from float32; transformers' bfloat16: {own:.4f}")
 
 
 def test_sliding_window_limits_what_a_query_sees(golden):
