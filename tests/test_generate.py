@@ -13,6 +13,7 @@ from conftest import assert_close_to_reference
 
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
+from gptoss_jax.bits import as_bits
 from gptoss_jax.generate import (
     Sampling,
     _bucket,
@@ -80,15 +81,41 @@ def test_prompts_of_different_lengths_equal_one_at_a_time(tiny):
 
 
 def test_each_row_stops_on_its_own_stop_token(tiny):
+    """Two stop tokens, each met first by one row, at different steps: each row ends with its own, the
+    other keeps going; after its stop a row gets padding (0, not counted) in the decode loop's output
+    and None from stream_generate, and the loop ends when the last row stops."""
     config, params = tiny
-    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
-    free = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[])
-    stop = free[0][4]
-    first = free[0].index(stop)
-    stopped = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[stop])
-    assert stopped[0] == free[0][: first + 1]
-    second = free[1].index(stop) + 1 if stop in free[1] else 12
-    assert stopped[1] == free[1][:second]
+    prompts, new = [[1, 2, 3], [7, 8, 9, 10, 11]], 40  # a 64-slot cache, as in the budget test below
+    free = generate(config, params, prompts, new, stop_tokens=[])
+
+    def first_meets(row, token):
+        return free[row].index(token) if token in free[row] else new
+
+    # row 1 stops first (at step j1), row 0 later (j0): each at the first step its stop token comes
+    pairs = [(j0, j1) for j1 in range(1, 8) for j0 in range(j1 + 2, 12)
+             if first_meets(1, free[0][j0]) > j1 and first_meets(0, free[1][j1]) > j0
+             and free[0].index(free[0][j0]) == j0 and free[1].index(free[1][j1]) == j1]
+    assert pairs, f"no two stop tokens that each row meets on its own: {free}"
+    j0, j1 = pairs[0]
+    stops = [free[0][j0], free[1][j1]]
+    stopped = generate(config, params, prompts, new, stop_tokens=stops)
+    assert stopped == [free[0][: j0 + 1], free[1][: j1 + 1]], (stops, j0, j1)
+    assert [row[-1] for row in stopped] == stops and [len(row) for row in stopped] == [j0 + 1, j1 + 1]
+
+    request = _validate(config, prompts, new, stops)
+    key, params = jax.random.key(0), as_bits(params)
+    first, cache = _start(config, params, request, Sampling(), key, prefill_chunk=512)
+    out, count, _ = _decode_loop(config, Sampling(), jnp.int32(new), params, cache, first,
+                                 jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
+    out, count = np.asarray(out), np.asarray(count)
+    assert count.tolist() == [j0 + 1, j1 + 1]
+    assert out[0, : j0 + 1].tolist() == stopped[0] and out[1, : j1 + 1].tolist() == stopped[1]
+    assert not out[0, j0 + 1:].any() and not out[1, j1 + 1:].any(), "tokens after a row's stop"
+
+    steps = list(stream_generate(config, params, prompts, new, stop_tokens=stops))
+    assert len(steps) == j0 + 1, "stream_generate did not end when the last row stopped"
+    assert [step[1] for step in steps] == stopped[1] + [None] * (j0 - j1)
+    assert [step[0] for step in steps] == stopped[0]
 
 
 def test_sampling_is_seeded_and_filters_work(tiny):
