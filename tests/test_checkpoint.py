@@ -291,39 +291,72 @@ def test_load_model_reads_huggingface_directory_directly(converted):
     assert_params_equal(params, reference_params(TINY_A, jnp.bfloat16))
 
 
-def openai_original(tensors, config):
-    """The tiny-mxfp4 tensors renamed and fused as in OpenAI's original/ checkpoints."""
-    out = {"embedding.weight": tensors["model.embed_tokens.weight"], "norm.scale": tensors["model.norm.weight"],
-           "unembedding.weight": tensors["lm_head.weight"]}
-    renames = {"input_layernorm.weight": "attn.norm.scale", "post_attention_layernorm.weight": "mlp.norm.scale",
-               "self_attn.o_proj.weight": "attn.out.weight", "self_attn.o_proj.bias": "attn.out.bias",
-               "self_attn.sinks": "attn.sinks", "mlp.router.weight": "mlp.gate.weight",
-               "mlp.router.bias": "mlp.gate.bias", "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
-               "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
-               "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
-               "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
-               "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales", "mlp.experts.down_proj_bias": "mlp.mlp2_bias"}
-    for layer in range(config.num_layers):
-        hf = f"model.layers.{layer}."
-        for old, new in renames.items():
-            out[f"block.{layer}.{new}"] = tensors[hf + old]
-        for kind in ("weight", "bias"):
-            out[f"block.{layer}.attn.qkv.{kind}"] = np.concatenate(
-                [tensors[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+OPENAI_LAYOUT = json.loads((FIXTURES / "openai_original_layout.json").read_text())
+"""OpenAI's original/ layout as derived from openai/gpt-oss's loader and the published files (each fact's
+source is in the file), independently of checkpoint.py."""
+
+
+def hf_config_value(hf, key):
+    """`hf`'s value at a transformers config key, "rope_parameters.factor" reading into the dict."""
+    for part in key.split("."):
+        hf = hf[part]
+    return hf
+
+
+def openai_config(hf):
+    """OpenAI's config.json for the model of transformers config.json `hf`: the published keys
+    (OPENAI_LAYOUT), each read from its transformers key, with the published JSON types (int / float)."""
+    published = OPENAI_LAYOUT["config"]["gpt-oss-20b"]
+    return {key: type(published[key])(hf_config_value(hf, hf_key))
+            for key, hf_key in OPENAI_LAYOUT["config"]["hf_key"].items()}
+
+
+def openai_original(tensors, openai):
+    """Hugging Face `tensors` as OpenAI's original/ checkpoint for config.json `openai`, built from
+    OPENAI_LAYOUT alone: each name, its dtype, its shape (checked against the layout's formula) and
+    the HF tensor(s) holding its values (rows concatenated in the order listed)."""
+    dtypes = {"BF16": ml_dtypes.bfloat16, "U8": np.uint8}
+    out = {}
+    for pattern, spec in OPENAI_LAYOUT["tensors"].items():
+        for n in range(openai["num_hidden_layers"]) if "{n}" in pattern else [None]:
+            sources = spec["hf"] if isinstance(spec["hf"], list) else [spec["hf"]]
+            value = np.concatenate([tensors[name.format(n=n)] for name in sources])
+            assert value.dtype == dtypes[spec["dtype"]], (pattern, value.dtype)  # tiny-mxfp4 is stored as released
+            assert value.shape == tuple(eval(f, {"__builtins__": {}}, dict(openai)) for f in spec["shape"]), pattern
+            out[pattern.format(n=n)] = value
     return out
 
 
+def test_openai_layout_fixture_matches_the_released_config():
+    """The published gpt-oss-20b original/config.json, read through the layout's transformers keys, is
+    the released HF config (configs/gpt-oss-20b.json); checkpoint.py reads each of its keys (a key read
+    under another name, or not read, falls back to a default: every key is changed once here)."""
+    published = OPENAI_LAYOUT["config"]["gpt-oss-20b"]
+    hf_keys = OPENAI_LAYOUT["config"]["hf_key"]
+    assert published.keys() == hf_keys.keys()
+    released = ck.exported_config_dict(gptoss_jax.load_config("gpt-oss-20b"), np.float32, quantized=False)
+    assert {k: hf_config_value(released, hf_keys[k]) for k in published} == published
+    assert openai_config(released) == published and [type(v) for v in openai_config(released).values()] == [
+        type(v) for v in published.values()]
+    for key, value in published.items():
+        changed = {**published, key: type(value)(2 * value)}
+        hf = ck.exported_config_dict(ck.config_from_openai_dict(changed), np.float32, quantized=False)
+        assert hf_config_value(hf, hf_keys[key]) == 2 * value, key
+        assert len(hf["layer_types"]) == changed["num_hidden_layers"]
+        assert hf["layer_types"][::2] == ["sliding_attention"] * len(hf["layer_types"][::2])  # even layers slide
+        assert set(hf["layer_types"][1::2]) == {"full_attention"}
+
+
 def test_openai_original_layout_and_preference_for_hf_files(tmp_path, converted):
+    """An original/ checkpoint of tiny-mxfp4 built from OPENAI_LAYOUT (names, dtypes, shapes, qkv row
+    order, MXFP4 bytes, config keys: openai/gpt-oss's loader and published files) converts to
+    tiny-mxfp4's params; so a converter assumption that differs from OpenAI's fails here."""
     config = gptoss_jax.load_config("tiny-mxfp4")
     original = tmp_path / "release" / "original"
     original.mkdir(parents=True)
-    ck.save_safetensors(original / "model.safetensors", openai_original(ck.load_safetensors(TINY_M), config))
-    openai_config = {"num_hidden_layers": 4, "num_experts": 5, "experts_per_token": 2, "vocab_size": 307,
-                     "hidden_size": 96, "intermediate_size": 64, "swiglu_limit": 7.0, "head_dim": 10,
-                     "num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": 8,
-                     "initial_context_length": 64, "rope_theta": 150000, "rope_scaling_factor": 32.0,
-                     "rope_ntk_alpha": 1, "rope_ntk_beta": 32}
-    (original / "config.json").write_text(json.dumps(openai_config))
+    openai = openai_config(json.loads((TINY_M / "config.json").read_text()))
+    ck.save_safetensors(original / "model.safetensors", openai_original(ck.load_safetensors(TINY_M), openai))
+    (original / "config.json").write_text(json.dumps(openai))
     # Only original/ (as in a download of original/ alone): read from there.
     dst = ck.convert_checkpoint(tmp_path / "release", tmp_path / "from-original", progress=False, dtype=np.float32)
     loaded_config, params = ck.load_model(dst)
