@@ -69,7 +69,8 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=ml_dtypes.bfloat16)
         if array.dtype != np.uint8:
             raise TypeError(f"{name} must be uint8, got {array.dtype} (blocks {blocks.dtype}, scales {scales.dtype})")
     if blocks.ndim < 2 or blocks.shape[-1] != BLOCK_BYTES:
-        raise ValueError(f"blocks must be [..., G, {BLOCK_BYTES}] ({BLOCK_BYTES} bytes per block), got shape {blocks.shape}")
+        raise ValueError(f"blocks must be [..., G, {BLOCK_BYTES}] ({BLOCK_BYTES} bytes per block), "
+                         f"got shape {blocks.shape}")
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"scales must be [..., G] = {blocks.shape[:-1]} for blocks of shape {blocks.shape}, "
                          f"got shape {scales.shape}")

@@ -86,7 +86,8 @@ def test_relayout_against_the_released_bytes():
     for j in range(16):
         for k in range(groups):
             for n in range(2):
-                values[..., 32 * k + 2 * j + n] = mxfp4.FP4_VALUES[(in_memory[..., j, k] >> (4 * n)) & 15] * unit[..., k]
+                code = (in_memory[..., j, k] >> (4 * n)) & 15
+                values[..., 32 * k + 2 * j + n] = mxfp4.FP4_VALUES[code] * unit[..., k]
     np.testing.assert_array_equal(values, mxfp4.dequantize(released, scales, np.float32))  # = transformers'
     np.testing.assert_array_equal(mxfp4.from_released_layout(released), in_memory)
     assert mxfp4.to_released_layout(in_memory).tobytes() == released.tobytes()
