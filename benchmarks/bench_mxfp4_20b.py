@@ -66,7 +66,7 @@ def child_decode(args: argparse.Namespace) -> dict[str, Any]:
     jax.block_until_ready(params)
     load_seconds = time.perf_counter() - start
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-    prompt = np.random.default_rng(0).integers(0, 200000, args.prompt_tokens).tolist()
+    prompt = np.random.default_rng(0).integers(0, min(config.vocab_size, 200000), args.prompt_tokens).tolist()
     steps, tokens = [], []
     start = time.perf_counter()
     for step in gptoss_jax.stream_generate(config, params, [prompt], args.new_tokens, stop_tokens=[]):
