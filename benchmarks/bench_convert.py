@@ -4,7 +4,7 @@
 
 Runs, in order: `cat` over SRC's files (the floor: reading the bytes once), then the conversion in a
 child process (so that its peak RSS is its own: `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`, plus
-psutil sampling of the child and its children every 0.2 s when psutil is installed). Prints the times,
+psutil sampling of the child and its children every 0.2 s: `common.PeakRSS`). Prints the times,
 their ratio, throughput, peak RSS and DST's size on disk; DST is deleted afterwards unless --keep.
 The page cache is not dropped: `cat` warms it for the conversion; the figures say whether SRC fits in
 RAM.
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-GIB = 1 << 30
+import common
+from common import GIB
 
 
 def timed_cat(src: Path) -> float:
@@ -32,38 +31,18 @@ def timed_cat(src: Path) -> float:
     return time.perf_counter() - start
 
 
-def sample_peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """Largest RSS of process `pid` plus its descendants, sampled until `stop` (psutil)."""
-    try:
-        import psutil
-    except ImportError:
-        return
-    try:
-        process = psutil.Process(pid)
-        while not stop.is_set():
-            rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
-            peak[0] = max(peak[0], rss)
-            stop.wait(0.2)
-    except psutil.Error:
-        pass
-
-
 def timed_convert(src: Path, dst: Path, dtype: str) -> tuple[float, int, int]:
     """(seconds, ru_maxrss of children in bytes, psutil-sampled peak in bytes) of a converting child."""
     code = ("import sys, ml_dtypes, numpy as np; from gptoss_jax.checkpoint import convert_checkpoint; "
             "convert_checkpoint(sys.argv[1], sys.argv[2], dtype=np.dtype(sys.argv[3]), force=True)")
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code, str(src), str(dst), dtype])
-    stop, peak = threading.Event(), [0]
-    sampler = threading.Thread(target=sample_peak_rss, args=(child.pid, stop, peak), daemon=True)
-    sampler.start()
-    returncode = child.wait()
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    with common.PeakRSS(interval=0.2, pid=child.pid, children=True) as peak:
+        returncode = child.wait()
+        seconds = time.perf_counter() - start
     if returncode:
         sys.exit(f"conversion failed with exit status {returncode}")
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, peak[0]
+    return seconds, common.max_rss("children"), peak.peak
 
 
 def disk_usage(path: Path) -> int:
@@ -78,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep DST (default: delete it afterwards)")
     args = parser.parse_args(argv)
     src_bytes = sum(p.stat().st_size for p in args.src.rglob("*") if p.is_file())
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    ram = common.ram_bytes()
 
     cat_s = timed_cat(args.src)
     convert_s, maxrss, sampled = timed_convert(args.src, args.dst, args.dtype)

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -35,14 +34,12 @@ import numpy as np  # noqa: E402
 import gptoss_jax  # noqa: E402
 from gptoss_jax import sharding  # noqa: E402
 
+import common  # noqa: E402
+
 
 def timed(fn, *args, repeats: int) -> tuple[float, np.ndarray]:
-    out = jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+    """Median seconds of `repeats` calls after a warm-up (compilation) one, and the output."""
+    times, out = common.run_times(fn, *args, repeats=repeats)
     return statistics.median(times), np.asarray(out)
 
 

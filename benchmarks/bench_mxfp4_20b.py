@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,36 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-GIB = 1 << 30
+import common
+from common import GIB, REPO
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    common.log(msg, sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
-# children (each prints one JSON line)
+# children (each writes its figures as JSON)
 
 def child_bandwidth(_: argparse.Namespace) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
-    shape = (12288, 8192)
-    matrix = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-    vector = jnp.ones((shape[1],), jnp.float32)
-    matvec = jax.jit(lambda a, x: a @ x)
-    matvec(matrix, vector).block_until_ready()
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        matvec(matrix, vector).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return {"bytes": matrix.size * 4, "best_seconds": min(times), "gb_per_s": matrix.size * 4 / min(times) / 1e9}
+    return common.matvec_bandwidth((12288, 8192))
 
 
 def child_convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,7 +52,7 @@ def child_convert(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     convert_checkpoint(args.src, args.dst, keep_mxfp4=True, force=True, progress=False)
-    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
+    return {"seconds": time.perf_counter() - start, "peak_rss": common.max_rss()}
 
 
 def child_decode(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +66,7 @@ def child_decode(args: argparse.Namespace) -> dict[str, Any]:
     jax.block_until_ready(params)
     load_seconds = time.perf_counter() - start
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-    prompt = np.random.default_rng(0).integers(0, 200000, args.prompt_tokens).tolist()
+    prompt = np.random.default_rng(0).integers(0, min(config.vocab_size, 200000), args.prompt_tokens).tolist()
     steps, tokens = [], []
     start = time.perf_counter()
     for step in gptoss_jax.stream_generate(config, params, [prompt], args.new_tokens, stop_tokens=[]):
@@ -96,7 +78,7 @@ def child_decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"expert_format": config.expert_format, "load_seconds": load_seconds, "weight_bytes": weight_bytes,
             "prefill_seconds": steps[0], "first_decode_seconds": steps[1],
             "median_step_seconds": statistics.median(decode), "best_step_seconds": min(decode),
-            "tokens": tokens, "peak_rss": peak_rss()}
+            "tokens": tokens, "peak_rss": common.max_rss()}
 
 
 CHILDREN = {"bandwidth": child_bandwidth, "convert": child_convert, "decode": child_decode}
@@ -104,33 +86,17 @@ CHILDREN = {"bandwidth": child_bandwidth, "convert": child_convert, "decode": ch
 
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log(f"{name} ...")
-    command = [sys.executable, __file__, "--child", name, "--src", str(args.src), "--dst", str(args.dst),
-               "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = common.run_worker(__file__, ["--child", name, "--src", str(args.src), "--dst", str(args.dst),
+                                          "--new-tokens", str(args.new_tokens), "--prompt-tokens",
+                                          str(args.prompt_tokens)], name)
+    if "error" in result:
+        sys.exit(f"{name} failed: {result['error']}")
     log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'tokens'})}")
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # main
-
-def bytes_per_token(config: Any, context: int) -> dict[str, float]:
-    """Bytes a batch-1 decode step reads: 4 experts per layer in MXFP4 (blocks + scales) with bfloat16
-    biases, bfloat16 attention / router / norms (float32) / unembedding / one embedding row, and the
-    bfloat16 KV cache at `context` tokens."""
-    d, n, k, h, i = config.hidden, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate
-    attention = 2 * (d * n * h + n * h + 2 * (d * k * h + k * h) + n * h * d + d + n)
-    router, norms = 2 * (d * config.num_experts + config.num_experts), 4 * 2 * d
-    packed = (d * 2 * i + i * d) * (0.5 + 1 / 32)  # 4 bits a value + one byte a 32-value block
-    one_expert = packed + 2 * (2 * i + d)
-    kv_slots = sum(min(context, config.sliding_window) if t == "sliding_attention" else context
-                   for t in config.layer_types)
-    parts = {"non_expert": config.num_layers * (attention + router + norms) + 2 * d + 4 * d,
-             "experts": config.num_layers * config.experts_per_token * one_expert,
-             "unembed": 2 * config.vocab_size * d, "kv_cache": kv_slots * 2 * k * h * 2}
-    return {**parts, "total": sum(parts.values())}
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-convert", action="store_true", help="reuse an existing --dst")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args)))
+        common.write_result(args.result, CHILDREN[args.child](args))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -162,11 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         results["convert"] = run_child("convert", args)
     results["decode"] = run_child("decode", args)
 
+    import jax.numpy as jnp
+
     from gptoss_jax import load_config
 
     config = load_config(args.dst)
     context = args.prompt_tokens + args.new_tokens // 2
-    need = bytes_per_token(config, context)
+    need = common.bytes_per_token(config, jnp.bfloat16, context)  # as loaded: experts packed, the rest bfloat16
     bandwidth = results["bandwidth"]["gb_per_s"] * 1e9
     roofline_seconds = need["total"] / bandwidth
     step = results["decode"]["median_step_seconds"]
@@ -187,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
              ("roofline", f"{1 / roofline_seconds:.1f} tokens/s; reached {results['roofline']['fraction']:.1%}"),
              ("peak RSS, load + decode", f"{d['peak_rss'] / GIB:.2f} GiB (bar: 16 GiB)"),
              ("transformers", "cannot load: dequantizes experts to bfloat16, ~41.8 GB > this machine's RAM")]
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    common.print_table(rows, (0,), first=max(len(r[0]) for r in rows))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -18,42 +18,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+from common import REPO
+
 RANK, ALPHA = 8, 16
 
 
-def _rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
+def gb(nbytes: int) -> float:
+    """The table's unit: kB of /proc/self/status / 1e6 (as these figures have always been reported)."""
+    return nbytes / 1024 / 1e6
 
 
-def _peak_gb() -> float:
-    """VmHWM: the peak RSS since the last `_reset_peak` (or since start)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e6
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def _reset_peak() -> float:
-    """Resets the peak RSS to the current RSS (Linux clear_refs 5) and returns the current RSS, so
-    that one-off costs before the steps (XLA compilation, model construction) are not counted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _rss_gb()
+def timed_steps(step: Callable[[], float], steps: int) -> tuple[float, list[float]]:
+    """Runs `step()` (returns the loss) `steps` + 1 times: the median seconds after the first, the losses."""
+    times, losses = [], []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        losses.append(float(step()))
+        times.append(time.perf_counter() - tick)
+    return common.median(times[1:]), losses
 
 
 def run_jax(config_path: str, seq: int, steps: int) -> dict:
@@ -77,19 +65,20 @@ def run_jax(config_path: str, seq: int, steps: int) -> dict:
              "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, 1, seq)),
              "weights": jnp.ones((1, 1, seq), jnp.float32)}
     jax.block_until_ready((state, batch))
-    weights_gb = _rss_gb()
+    weights_gb = gb(common.rss())
     train_step = step_lib.make_train_step(config, params, lc, oc, remat="full", loss_chunk=128)
     compiled = train_step.jitted.lower(params, state, batch).compile()
     temp_gb = compiled.memory_analysis().temp_size_in_bytes / 1e9
-    before_gb = _reset_peak()
-    times, losses = [], []
-    for _ in range(steps + 1):
-        tick = time.perf_counter()
+    before_gb = gb(common.reset_high_water_rss())
+
+    def step() -> float:
+        nonlocal state
         state, metrics = train_step(state, batch)
-        losses.append(float(metrics["loss"]))
-        times.append(time.perf_counter() - tick)
-    return {"step_s": sorted(times[1:])[len(times[1:]) // 2], "weights_gb": weights_gb, "before_gb": before_gb, "peak_gb": _peak_gb(),
-            "xla_temp_gb": temp_gb, "losses": losses}
+        return metrics["loss"]
+
+    step_s, losses = timed_steps(step, steps)
+    return {"step_s": step_s, "weights_gb": weights_gb, "before_gb": before_gb,
+            "peak_gb": gb(common.high_water_rss()), "xla_temp_gb": temp_gb, "losses": losses}
 
 
 def run_torch(config_path: str, seq: int, steps: int) -> dict:
@@ -108,21 +97,21 @@ def run_torch(config_path: str, seq: int, steps: int) -> dict:
         r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     model.train()
-    weights_gb = _rss_gb()
+    weights_gb = gb(common.rss())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
-    before_gb = _reset_peak()
-    times, losses = [], []
-    for _ in range(steps + 1):
-        tick = time.perf_counter()
+    before_gb = gb(common.reset_high_water_rss())
+
+    def step() -> float:
         loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        times.append(time.perf_counter() - tick)
-    return {"step_s": sorted(times[1:])[len(times[1:]) // 2], "weights_gb": weights_gb, "before_gb": before_gb, "peak_gb": _peak_gb(),
-            "losses": losses}
+        return loss
+
+    step_s, losses = timed_steps(step, steps)
+    return {"step_s": step_s, "weights_gb": weights_gb, "before_gb": before_gb,
+            "peak_gb": gb(common.high_water_rss()), "losses": losses}
 
 
 def main() -> None:
@@ -131,10 +120,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--side", choices=["both", "jax", "torch"], default="both")
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side != "both":
-        result = (run_jax if args.side == "jax" else run_torch)(args.config, args.seq, args.steps)
-        print("RESULT " + json.dumps(result))
+    if args.side != "both":  # one side: its figures as JSON to --result, else a RESULT line on stdout
+        common.write_result(args.result, (run_jax if args.side == "jax" else run_torch)(args.config, args.seq,
+                                                                                        args.steps))
         return
 
     import gptoss_jax
@@ -144,22 +134,21 @@ def main() -> None:
     flop_per_token = 6 * count_params(config)["active"]
     results = {}
     for side in ("torch", "jax"):
-        proc = subprocess.run([sys.executable, __file__, "--side", side, "--config", args.config,
-                               "--seq", str(args.seq), "--steps", str(args.steps)],
-                              capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
-        results[side] = json.loads(line[0].removeprefix("RESULT "))
+        results[side] = common.run_worker(__file__, ["--side", side, "--config", args.config, "--seq", str(args.seq),
+                                                     "--steps", str(args.steps)], side, quiet=True)
+        if "error" in results[side]:
+            sys.exit(f"{side} side failed: {results[side]['error']}")
+        results[side].pop("worker_seconds")
     print(f"config {Path(args.config).name}, float32, CPU, batch 1 x {args.seq}, LoRA rank {RANK} on q/k/v/o + "
           f"every layer's experts; {flop_per_token / 1e9:.2f} GFLOP per token (6 x active params)")
-    print(f"{'':22}{'tokens/s':>10}{'GFLOP/s':>10}{'weights GB':>12}{'before GB':>11}{'peak GB':>10}{'activ. GB':>11}")
-    names = {"torch": "transformers + peft", "jax": "gptoss-jax"}
+    names, rows = {"torch": "transformers + peft", "jax": "gptoss-jax"}, []
     for side, r in results.items():
         tps = args.seq / r["step_s"]
         r["tokens_per_s"], r["activations_gb"] = tps, r["peak_gb"] - r["before_gb"]
-        print(f"{names[side]:22}{tps:10.1f}{tps * flop_per_token / 1e9:10.1f}{r['weights_gb']:12.2f}{r['before_gb']:11.2f}"
-              f"{r['peak_gb']:10.2f}{r['activations_gb']:11.2f}")
+        rows.append((names[side], *(f"{v:.{2 if i > 1 else 1}f}" for i, v in enumerate(
+            (tps, tps * flop_per_token / 1e9, r["weights_gb"], r["before_gb"], r["peak_gb"], r["activations_gb"])))))
+    common.print_table(rows, (10, 10, 12, 11, 10, 11), first=22, header=(
+        "", "tokens/s", "GFLOP/s", "weights GB", "before GB", "peak GB", "activ. GB"))
     j, t = results["jax"], results["torch"]
     print(f"gptoss-jax / transformers+peft: {j['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s (bar >= 1.3x); "
           f"activations {j['activations_gb'] / t['activations_gb']:.2f}x (bar <= 0.33x); XLA temp buffers "

@@ -502,5 +502,5 @@ def parse_completion(tokens: Sequence[int], encoding: tiktoken.Encoding | None =
         close(current)
     elif header is not None and (header or next_role is None):
         if strict:
-            raise HarmonyParseError("tokens end inside a message header (before <|message|>)")
+            raise HarmonyParseError(f"tokens end inside a message header {enc.decode(header)!r} (before <|message|>)")
     return messages

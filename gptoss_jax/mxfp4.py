@@ -65,10 +65,15 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=ml_dtypes.bfloat16)
     """
     blocks = np.asarray(blocks)
     scales = np.asarray(scales)
-    if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-        raise TypeError(f"blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
-    if blocks.ndim < 2 or blocks.shape[-1] != BLOCK_BYTES or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"expected blocks [..., G, 16] and scales [..., G], got {blocks.shape}, {scales.shape}")
+    for name, array in (("blocks", blocks), ("scales", scales)):
+        if array.dtype != np.uint8:
+            raise TypeError(f"{name} must be uint8, got {array.dtype} (blocks {blocks.dtype}, scales {scales.dtype})")
+    if blocks.ndim < 2 or blocks.shape[-1] != BLOCK_BYTES:
+        raise ValueError(f"blocks must be [..., G, {BLOCK_BYTES}] ({BLOCK_BYTES} bytes per block), "
+                         f"got shape {blocks.shape}")
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"scales must be [..., G] = {blocks.shape[:-1]} for blocks of shape {blocks.shape}, "
+                         f"got shape {scales.shape}")
     dtype = np.dtype(dtype)
     table = _byte_pair_table(dtype)
 
@@ -117,20 +122,27 @@ def quantize(values: np.ndarray, ties: str = "even") -> tuple[np.ndarray, np.nda
     scales = np.empty(len(value_rows), dtype=np.uint8)
     for start in range(0, len(value_rows), _ROWS_PER_CHUNK):
         stop = min(start + _ROWS_PER_CHUNK, len(value_rows))
-        blocks[start:stop], scales[start:stop] = _quantize_rows(value_rows[start:stop], ties)
+        rows = value_rows[start:stop]
+        result = _quantize_rows(rows, ties)
+        if result is None:  # a non-finite value: name the first one
+            flat = start * BLOCK_SIZE + int(np.flatnonzero(~np.isfinite(rows))[0])
+            index = tuple(int(i) for i in np.unravel_index(flat, values.shape))
+            raise ValueError(f"quantize needs finite values, got {values[index]} at index {index} of values "
+                             f"with shape {values.shape}")
+        blocks[start:stop], scales[start:stop] = result
     return (
         blocks.reshape(*values.shape[:-1], num_blocks, BLOCK_BYTES),
         scales.reshape(*values.shape[:-1], num_blocks),
     )
 
 
-def _quantize_rows(rows: np.ndarray, ties: str) -> tuple[np.ndarray, np.ndarray]:
-    """rows [n, 32] -> (blocks uint8 [n, 16], scales uint8 [n]); see `quantize`."""
+def _quantize_rows(rows: np.ndarray, ties: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """rows [n, 32] -> (blocks uint8 [n, 16], scales uint8 [n]), None if a value is not finite; see `quantize`."""
     x = rows.astype(np.float32)
     magnitude = np.abs(x)
     amax = magnitude.view(np.uint32).max(axis=1).view(np.float32)  # same order as floats, faster
-    if not np.isfinite(amax).all():
-        raise ValueError("quantize needs finite values")
+    if not np.isfinite(amax).all():  # (NaN's bits are above inf's)
+        return None
     # Round amax/6 up to a power of two on its float32 bits; the exponent field is the e8m0 scale
     # (finite amax/6 < 2**126, so the scale is at most 253).
     ratio_bits = (amax / np.float32(6.0)).view(np.uint32)

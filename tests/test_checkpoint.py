@@ -108,6 +108,90 @@ def leftovers(directory, keep=()):
 
 
 # --------------------------------------------------------------------------------------------
+# Reading exports independently of checkpoint.py: the safetensors library, the raw config.json
+
+
+def read_with_safetensors(directory):
+    """(tensors, {file: metadata}, {tensor: file}) of every *.safetensors file in `directory`, read with
+    the safetensors library (framework "flax": bfloat16 too, no torch), as numpy arrays."""
+    from safetensors import safe_open
+
+    tensors, metadata, where = {}, {}, {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="flax") as f:
+            metadata[path.name] = f.metadata()
+            for name in f.keys():
+                assert name not in tensors, f"{name} in {path.name} and {where[name]}"
+                tensors[name], where[name] = np.asarray(f.get_tensor(name)), path.name
+    return tensors, metadata, where
+
+
+def read_export(out, fixture):
+    """An export's tensors, read with the safetensors library, after checking what transformers' loader
+    reads besides them: each file's metadata is the transformers-written fixture's ({"format": "pt"});
+    several files come with an index ({"metadata": {"total_size"}, "weight_map"}) that places every
+    tensor in the file holding it and counts their bytes; a single file comes without one."""
+    from safetensors import safe_open
+
+    tensors, metadata, where = read_with_safetensors(out)
+    for path in fixture.glob("*.safetensors"):
+        with safe_open(path, framework="flax") as f:
+            assert f.metadata() == {"format": "pt"}, path
+    assert metadata and all(m == {"format": "pt"} for m in metadata.values()), metadata
+    index_path = out / ck.INDEX_FILE
+    if len(metadata) == 1:
+        assert not index_path.exists()
+    else:
+        index = json.loads(index_path.read_text())
+        reference = json.loads((TINY_M / ck.INDEX_FILE).read_text())  # the released layout of an index
+        assert index.keys() == reference.keys() == {"metadata", "weight_map"}
+        assert index["metadata"] == {"total_size": sum(t.nbytes for t in tensors.values())}
+        assert index["weight_map"] == where
+    return tensors
+
+
+CONFIG_KEYS_AN_EXPORT_MAY_LACK = {
+    # transformers' GptOssConfig defaults that describe no weight: left out, they read back as the same
+    # values (test_keys_an_export_may_lack_are_transformers_defaults)
+    "bos_token_id", "initializer_range", "use_cache", "attention_dropout", "output_router_logits",
+    "router_aux_loss_coef",
+    "transformers_version",  # the version of transformers that wrote the file
+}
+
+
+def assert_config_like_transformers(out, fixture, dtype, quantized):
+    """The raw config.json of an export, key by key, equals the fixture's (written by transformers'
+    save_pretrained) but for: CONFIG_KEYS_AN_EXPORT_MAY_LACK; "dtype", the export's; quantization_config,
+    present exactly when exported as MXFP4 (then tiny-mxfp4's, as released); the keys an export adds:
+    rope_theta and rope_scaling (how transformers < 5 spells rope_parameters; they must agree with it)
+    and architectures (which tiny-mxfp4's config.save_pretrained did not write; it must be gpt-oss')."""
+    raw = json.loads((out / "config.json").read_text())
+    expected = {k: v for k, v in json.loads((fixture / "config.json").read_text()).items()
+                if k not in CONFIG_KEYS_AN_EXPORT_MAY_LACK}
+    expected["dtype"] = np.dtype(dtype).name
+    expected.pop("quantization_config", None)
+    if quantized:
+        expected["quantization_config"] = json.loads((TINY_M / "config.json").read_text())["quantization_config"]
+    rope = dict(raw.get("rope_parameters", {}))
+    assert raw.pop("rope_theta") == rope.pop("rope_theta", None) and raw.pop("rope_scaling") == rope
+    assert raw.pop("architectures") == expected.pop("architectures", ["GptOssForCausalLM"]) == ["GptOssForCausalLM"]
+    differences = {k: (raw.get(k, "<absent>"), expected.get(k, "<absent>")) for k in raw.keys() | expected.keys()
+                   if raw.get(k, "<absent>") != expected.get(k, "<absent>")}
+    assert differences == {}, f"config.json of {out.name}: (exported, transformers') differ"
+
+
+def test_keys_an_export_may_lack_are_transformers_defaults():
+    """What a config.json without CONFIG_KEYS_AN_EXPORT_MAY_LACK reads back as, in transformers (no torch
+    needed): the fixtures' values."""
+    transformers = pytest.importorskip("transformers")
+    defaults = transformers.GptOssConfig().to_dict()
+    for fixture in (TINY_A, TINY_M):
+        raw = json.loads((fixture / "config.json").read_text())
+        for key in CONFIG_KEYS_AN_EXPORT_MAY_LACK - {"transformers_version"}:
+            assert defaults[key] == raw[key], (fixture.name, key)
+
+
+# --------------------------------------------------------------------------------------------
 # convert + load
 
 
@@ -207,39 +291,72 @@ def test_load_model_reads_huggingface_directory_directly(converted):
     assert_params_equal(params, reference_params(TINY_A, jnp.bfloat16))
 
 
-def openai_original(tensors, config):
-    """The tiny-mxfp4 tensors renamed and fused as in OpenAI's original/ checkpoints."""
-    out = {"embedding.weight": tensors["model.embed_tokens.weight"], "norm.scale": tensors["model.norm.weight"],
-           "unembedding.weight": tensors["lm_head.weight"]}
-    renames = {"input_layernorm.weight": "attn.norm.scale", "post_attention_layernorm.weight": "mlp.norm.scale",
-               "self_attn.o_proj.weight": "attn.out.weight", "self_attn.o_proj.bias": "attn.out.bias",
-               "self_attn.sinks": "attn.sinks", "mlp.router.weight": "mlp.gate.weight",
-               "mlp.router.bias": "mlp.gate.bias", "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
-               "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
-               "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
-               "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
-               "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales", "mlp.experts.down_proj_bias": "mlp.mlp2_bias"}
-    for layer in range(config.num_layers):
-        hf = f"model.layers.{layer}."
-        for old, new in renames.items():
-            out[f"block.{layer}.{new}"] = tensors[hf + old]
-        for kind in ("weight", "bias"):
-            out[f"block.{layer}.attn.qkv.{kind}"] = np.concatenate(
-                [tensors[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+OPENAI_LAYOUT = json.loads((FIXTURES / "openai_original_layout.json").read_text())
+"""OpenAI's original/ layout as derived from openai/gpt-oss's loader and the published files (each fact's
+source is in the file), independently of checkpoint.py."""
+
+
+def hf_config_value(hf, key):
+    """`hf`'s value at a transformers config key, "rope_parameters.factor" reading into the dict."""
+    for part in key.split("."):
+        hf = hf[part]
+    return hf
+
+
+def openai_config(hf):
+    """OpenAI's config.json for the model of transformers config.json `hf`: the published keys
+    (OPENAI_LAYOUT), each read from its transformers key, with the published JSON types (int / float)."""
+    published = OPENAI_LAYOUT["config"]["gpt-oss-20b"]
+    return {key: type(published[key])(hf_config_value(hf, hf_key))
+            for key, hf_key in OPENAI_LAYOUT["config"]["hf_key"].items()}
+
+
+def openai_original(tensors, openai):
+    """Hugging Face `tensors` as OpenAI's original/ checkpoint for config.json `openai`, built from
+    OPENAI_LAYOUT alone: each name, its dtype, its shape (checked against the layout's formula) and
+    the HF tensor(s) holding its values (rows concatenated in the order listed)."""
+    dtypes = {"BF16": ml_dtypes.bfloat16, "U8": np.uint8}
+    out = {}
+    for pattern, spec in OPENAI_LAYOUT["tensors"].items():
+        for n in range(openai["num_hidden_layers"]) if "{n}" in pattern else [None]:
+            sources = spec["hf"] if isinstance(spec["hf"], list) else [spec["hf"]]
+            value = np.concatenate([tensors[name.format(n=n)] for name in sources])
+            assert value.dtype == dtypes[spec["dtype"]], (pattern, value.dtype)  # tiny-mxfp4 is stored as released
+            assert value.shape == tuple(eval(f, {"__builtins__": {}}, dict(openai)) for f in spec["shape"]), pattern
+            out[pattern.format(n=n)] = value
     return out
 
 
+def test_openai_layout_fixture_matches_the_released_config():
+    """The published gpt-oss-20b original/config.json, read through the layout's transformers keys, is
+    the released HF config (configs/gpt-oss-20b.json); checkpoint.py reads each of its keys (a key read
+    under another name, or not read, falls back to a default: every key is changed once here)."""
+    published = OPENAI_LAYOUT["config"]["gpt-oss-20b"]
+    hf_keys = OPENAI_LAYOUT["config"]["hf_key"]
+    assert published.keys() == hf_keys.keys()
+    released = ck.exported_config_dict(gptoss_jax.load_config("gpt-oss-20b"), np.float32, quantized=False)
+    assert {k: hf_config_value(released, hf_keys[k]) for k in published} == published
+    assert openai_config(released) == published and [type(v) for v in openai_config(released).values()] == [
+        type(v) for v in published.values()]
+    for key, value in published.items():
+        changed = {**published, key: type(value)(2 * value)}
+        hf = ck.exported_config_dict(ck.config_from_openai_dict(changed), np.float32, quantized=False)
+        assert hf_config_value(hf, hf_keys[key]) == 2 * value, key
+        assert len(hf["layer_types"]) == changed["num_hidden_layers"]
+        assert hf["layer_types"][::2] == ["sliding_attention"] * len(hf["layer_types"][::2])  # even layers slide
+        assert set(hf["layer_types"][1::2]) == {"full_attention"}
+
+
 def test_openai_original_layout_and_preference_for_hf_files(tmp_path, converted):
+    """An original/ checkpoint of tiny-mxfp4 built from OPENAI_LAYOUT (names, dtypes, shapes, qkv row
+    order, MXFP4 bytes, config keys: openai/gpt-oss's loader and published files) converts to
+    tiny-mxfp4's params; so a converter assumption that differs from OpenAI's fails here."""
     config = gptoss_jax.load_config("tiny-mxfp4")
     original = tmp_path / "release" / "original"
     original.mkdir(parents=True)
-    ck.save_safetensors(original / "model.safetensors", openai_original(ck.load_safetensors(TINY_M), config))
-    openai_config = {"num_hidden_layers": 4, "num_experts": 5, "experts_per_token": 2, "vocab_size": 307,
-                     "hidden_size": 96, "intermediate_size": 64, "swiglu_limit": 7.0, "head_dim": 10,
-                     "num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": 8,
-                     "initial_context_length": 64, "rope_theta": 150000, "rope_scaling_factor": 32.0,
-                     "rope_ntk_alpha": 1, "rope_ntk_beta": 32}
-    (original / "config.json").write_text(json.dumps(openai_config))
+    openai = openai_config(json.loads((TINY_M / "config.json").read_text()))
+    ck.save_safetensors(original / "model.safetensors", openai_original(ck.load_safetensors(TINY_M), openai))
+    (original / "config.json").write_text(json.dumps(openai))
     # Only original/ (as in a download of original/ alone): read from there.
     dst = ck.convert_checkpoint(tmp_path / "release", tmp_path / "from-original", progress=False, dtype=np.float32)
     loaded_config, params = ck.load_model(dst)
@@ -271,12 +388,13 @@ def test_export_round_trip_is_identical_in_bfloat16(tmp_path, converted):
     index = json.loads((out / ck.INDEX_FILE).read_text())
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
-    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_A)
+    exported, original = read_export(out, TINY_A), read_with_safetensors(TINY_A)[0]
     assert exported.keys() == original.keys()
     for name, value in original.items():
-        assert exported[name].dtype == ml_dtypes.bfloat16, name
+        assert exported[name].dtype == ml_dtypes.bfloat16 and exported[name].shape == value.shape, name
         np.testing.assert_array_equal(exported[name], value.astype(ml_dtypes.bfloat16), err_msg=name)
     assert gptoss_jax.load_config(out).to_hf_dict() == gptoss_jax.load_config(TINY_A).to_hf_dict()
+    assert_config_like_transformers(out, TINY_A, ml_dtypes.bfloat16, quantized=False)
     again = ck.convert_checkpoint(out, tmp_path / "again", progress=False)
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), ck.load_model(dst)[1])  # norm scales
     assert_params_equal(ck.load_model(again)[1], rounded)
@@ -287,10 +405,10 @@ def test_export_mxfp4_requantizes_experts(tmp_path, converted):
     quantization_config in config.json; the export converts back to the same params."""
     dst = converted(TINY_M, jnp.float32)
     out = ck.export_checkpoint(dst, tmp_path / "exported", mxfp4=True, progress=False)
-    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_M)
+    exported, original = read_export(out, TINY_M), read_with_safetensors(TINY_M)[0]
     assert exported.keys() == original.keys()
     for name, value in original.items():
-        assert exported[name].dtype == value.dtype, name
+        assert exported[name].dtype == value.dtype and exported[name].shape == value.shape, name
         if name.endswith("_blocks"):
             scales = name[: -len("_blocks")] + "_scales"
             np.testing.assert_array_equal(dequantize(exported[name], exported[scales], np.float32),
@@ -298,6 +416,7 @@ def test_export_mxfp4_requantizes_experts(tmp_path, converted):
         elif not name.endswith("_scales"):
             np.testing.assert_array_equal(exported[name], value, err_msg=name)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    assert_config_like_transformers(out, TINY_M, ml_dtypes.bfloat16, quantized=True)
     again = ck.convert_checkpoint(out, tmp_path / "again", dtype=np.float32, progress=False)
     assert_params_equal(ck.load_model(again)[1], reference_params(TINY_M))
 
@@ -551,25 +670,37 @@ def test_keep_mxfp4_export_round_trip_is_byte_identical(tmp_path, converted, cap
     assert cli.main(["convert", str(TINY_M), str(dst), "--keep-mxfp4"]) == 0
     assert gptoss_jax.load_config(dst).expert_format == "mxfp4"
     assert cli.main(["export", str(dst), str(out), "--mxfp4"]) == 0
-    exported, original = ck.load_safetensors(out), ck.load_safetensors(TINY_M)
+    exported, original = read_export(out, TINY_M), read_with_safetensors(TINY_M)[0]
     assert exported.keys() == original.keys()
     for name, value in original.items():
         assert exported[name].dtype == value.dtype and exported[name].shape == value.shape, name
         assert exported[name].tobytes() == value.tobytes(), name
     raw = json.loads((out / "config.json").read_text())
     assert raw["quantization_config"]["quant_method"] == "mxfp4" and "expert_format" not in raw
+    assert_config_like_transformers(out, TINY_M, ml_dtypes.bfloat16, quantized=True)
     # Exporting the MXFP4 source directly with --mxfp4 copies its bytes too.
-    direct = ck.load_safetensors(ck.export_checkpoint(TINY_M, tmp_path / "direct", mxfp4=True, progress=False))
-    assert all(direct[name].tobytes() == value.tobytes() for name, value in original.items())
+    direct_out = ck.export_checkpoint(TINY_M, tmp_path / "direct", mxfp4=True, progress=False)
+    direct = read_export(direct_out, TINY_M)
+    assert direct.keys() == original.keys()
+    assert all(direct[name].dtype == value.dtype and direct[name].tobytes() == value.tobytes()
+               for name, value in original.items())
+    assert_config_like_transformers(direct_out, TINY_M, ml_dtypes.bfloat16, quantized=True)
     # Dense export: the experts dequantized, [E, in, out], as transformers dequantizes them.
-    dense = ck.load_safetensors(ck.export_checkpoint(converted(TINY_M, np.float32, keep_mxfp4=True),
-                                                     tmp_path / "dense", dtype=np.float32, progress=False))
+    dense_out = ck.export_checkpoint(converted(TINY_M, np.float32, keep_mxfp4=True), tmp_path / "dense",
+                                     dtype=np.float32, progress=False)
+    dense = read_export(dense_out, TINY_M)
+    assert_config_like_transformers(dense_out, TINY_M, np.float32, quantized=False)
     for name in [n for n in original if n.endswith("_blocks")]:
         matrix = name[: -len("_blocks")]
         expected = dequantize(original[name], original[f"{matrix}_scales"], np.float32).transpose(0, 2, 1)
         assert dense[matrix].dtype == np.float32
         np.testing.assert_array_equal(dense[matrix], expected, err_msg=matrix)
     assert not any(n.endswith(("_blocks", "_scales")) for n in dense)
+    plain = [n for n in original if not n.endswith(("_blocks", "_scales"))]
+    assert dense.keys() == set(plain) | {n[: -len("_blocks")] for n in original if n.endswith("_blocks")}
+    for name in plain:
+        assert dense[name].dtype == np.float32, name
+        np.testing.assert_array_equal(dense[name], original[name].astype(np.float32), err_msg=name)
 
 
 def test_keep_mxfp4_needs_sizes_in_whole_blocks(tmp_path, capsys):

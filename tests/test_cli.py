@@ -25,10 +25,10 @@ def test_generate_streams_text_and_chat_keeps_history(capsys, monkeypatch):
 
 
 def test_bad_model_and_bad_sampling_get_clear_errors(capsys, tmp_path):
-    assert cli.main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) != 0
-    assert "nowhere" in capsys.readouterr().err
+    assert cli.main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
+    assert f"gptoss-jax generate: error: {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
     assert cli.main(["generate", "random:demo", "--prompt", "x", "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "gptoss-jax generate: error: top_p must be in (0, 1], got 0.0" in capsys.readouterr().err
 
 
 def test_channel_printer_dims_analysis_and_shows_final_plainly():

@@ -2,6 +2,7 @@
 buckets and compilation reuse; the KV cache's sharding on a mesh."""
 
 import dataclasses
+import itertools
 import re
 
 import jax
@@ -12,6 +13,7 @@ from conftest import assert_close_to_reference
 
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
+from gptoss_jax.bits import as_bits
 from gptoss_jax.generate import (
     Sampling,
     _bucket,
@@ -79,15 +81,41 @@ def test_prompts_of_different_lengths_equal_one_at_a_time(tiny):
 
 
 def test_each_row_stops_on_its_own_stop_token(tiny):
+    """Two stop tokens, each met first by one row, at different steps: each row ends with its own, the
+    other keeps going; after its stop a row gets padding (0, not counted) in the decode loop's output
+    and None from stream_generate, and the loop ends when the last row stops."""
     config, params = tiny
-    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
-    free = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[])
-    stop = free[0][4]
-    first = free[0].index(stop)
-    stopped = generate(config, params, prompts, max_new_tokens=12, stop_tokens=[stop])
-    assert stopped[0] == free[0][: first + 1]
-    second = free[1].index(stop) + 1 if stop in free[1] else 12
-    assert stopped[1] == free[1][:second]
+    prompts, new = [[1, 2, 3], [7, 8, 9, 10, 11]], 40  # a 64-slot cache, as in the budget test below
+    free = generate(config, params, prompts, new, stop_tokens=[])
+
+    def first_meets(row, token):
+        return free[row].index(token) if token in free[row] else new
+
+    # row 1 stops first (at step j1), row 0 later (j0): each at the first step its stop token comes
+    pairs = [(j0, j1) for j1 in range(1, 8) for j0 in range(j1 + 2, 12)
+             if first_meets(1, free[0][j0]) > j1 and first_meets(0, free[1][j1]) > j0
+             and free[0].index(free[0][j0]) == j0 and free[1].index(free[1][j1]) == j1]
+    assert pairs, f"no two stop tokens that each row meets on its own: {free}"
+    j0, j1 = pairs[0]
+    stops = [free[0][j0], free[1][j1]]
+    stopped = generate(config, params, prompts, new, stop_tokens=stops)
+    assert stopped == [free[0][: j0 + 1], free[1][: j1 + 1]], (stops, j0, j1)
+    assert [row[-1] for row in stopped] == stops and [len(row) for row in stopped] == [j0 + 1, j1 + 1]
+
+    request = _validate(config, prompts, new, stops)
+    key, params = jax.random.key(0), as_bits(params)
+    first, cache = _start(config, params, request, Sampling(), key, prefill_chunk=512)
+    out, count, _ = _decode_loop(config, Sampling(), jnp.int32(new), params, cache, first,
+                                 jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
+    out, count = np.asarray(out), np.asarray(count)
+    assert count.tolist() == [j0 + 1, j1 + 1]
+    assert out[0, : j0 + 1].tolist() == stopped[0] and out[1, : j1 + 1].tolist() == stopped[1]
+    assert not out[0, j0 + 1:].any() and not out[1, j1 + 1:].any(), "tokens after a row's stop"
+
+    steps = list(stream_generate(config, params, prompts, new, stop_tokens=stops))
+    assert len(steps) == j0 + 1, "stream_generate did not end when the last row stopped"
+    assert [step[1] for step in steps] == stopped[1] + [None] * (j0 - j1)
+    assert [step[0] for step in steps] == stopped[0]
 
 
 def test_sampling_is_seeded_and_filters_work(tiny):
@@ -199,6 +227,58 @@ def _assert_cache_sharded(cache, mesh, expected, what):
             assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (what, kind, name, leaf.sharding.spec)
 
 
+def _cache_gather_shapes(cache: kv_cache.Cache) -> dict[tuple[int, ...], str]:
+    """{dims: leaf} of every array an all-gather of a cache leaf (sharded) can produce: each dim from
+    its shard's size up to the full one, the shard itself excluded; k and v also as one layer's
+    slice [(1,) b, slots, kv_heads, head_dim] (inside the scan over layer pairs)."""
+    found = {}
+    for kind, leaves in cache.items():
+        for name, leaf in leaves.items():
+            local, what = leaf.sharding.shard_shape(leaf.shape), f"{kind}/{'k|v' if name in ('k', 'v') else name}"
+            options = [[n // k for k in range(1, n // m + 1) if (n // m) % k == 0] for n, m in zip(leaf.shape, local)]
+            for dims in itertools.product(*options):
+                if dims != tuple(local):
+                    found.setdefault(dims, what)
+                    if name != "positions":
+                        found.setdefault(dims[1:], f"{what} (one layer)")
+                        found.setdefault((1, *dims[1:]), f"{what} (one layer)")
+    return found
+
+
+def _cache_all_gathers(hlo: str, cache: kv_cache.Cache) -> list[str]:
+    """The all-gathers in `hlo` of cache-shaped arrays (see `_cache_gather_shapes`) or of any array
+    with a dim of some kind's slot count (the full layers' max_len, the sliding layers' ring)."""
+    shapes = _cache_gather_shapes(cache)
+    slots = {kind: leaves["positions"].shape[1] for kind, leaves in cache.items()}
+    found = []
+    for match in re.finditer(r"= (\([^=]*?\)|\S+) all-gather(?:-start)?\(", hlo):
+        for part in re.findall(r"\w+\[([\d,]*)\]", match.group(1)):
+            dims = tuple(int(x) for x in part.split(",") if x)
+            kinds = [kind for kind, n in slots.items() if n in dims]
+            if dims in shapes or kinds:
+                found.append(f"{list(dims)} ({shapes.get(dims) or ', '.join(kinds) + ' slots'})")
+    return found
+
+
+def test_cache_all_gather_check_sees_both_kinds():
+    """The check below knows the gathered shapes of both kinds' caches, the sliding layers' ring too."""
+    from gptoss_jax.sharding import cache_specs, make_mesh
+
+    config, mesh = gptoss_jax.load_config("tiny-ep"), make_mesh("data=2,tensor=2", devices=jax.devices()[:4])
+    cache = kv_cache.init_cache(config, 2, 64, jnp.float32)
+    cache = jax.device_put(cache, jax.tree.map(lambda spec: jax.NamedSharding(mesh, spec), cache_specs(cache, mesh),
+                                               is_leaf=lambda x: isinstance(x, jax.P)))
+    shapes = _cache_gather_shapes(cache)
+    window = config.sliding_window
+    assert shapes[(2, 2, window, 2, 6)] == "sliding/k|v" and shapes[(1, 2, window, 2, 6)] == "sliding/k|v (one layer)"
+    assert shapes[(2, window)] == "sliding/positions" and shapes[(2, 2, 64, 1, 6)] == "full/k|v"
+    assert (2, 1, window, 1, 6) not in shapes and (1, 64) not in shapes  # the shards themselves
+    hlo = f"%a = f32[2,{window},2,6]{{3,2,1,0}} all-gather(f32[1,{window},1,6] %x)\n" \
+          f"%b = (f32[8,{window}]{{1,0}}, s32[3]{{0}}) all-gather(%y, %z)\n%c = f32[2,6]{{1,0}} all-gather(%w)"
+    assert _cache_all_gathers(hlo, cache) == [f"[2, {window}, 2, 6] (sliding/k|v (one layer))",
+                                              f"[8, {window}] (sliding slots)"]
+
+
 @pytest.mark.parametrize("spec, devices", [("data=2,tensor=2", 4), ("data=2,expert=2,tensor=2", 8)])
 def test_cache_is_sharded_on_a_mesh(spec, devices):
     """The cache is made in its sharding (batch over data, KV heads over tensor), keeps it through
@@ -225,8 +305,7 @@ def test_cache_is_sharded_on_a_mesh(spec, devices):
                 assert local == leaf.nbytes // (4 if name in ("k", "v") else 2), (spec, kind, name, local, leaf.nbytes)
         args = (params, cache, first, jnp.asarray(request.lengths), key, jnp.asarray(request.stop_tokens))
         loop = _decode_loop.lower(config, sampling, jnp.int32(new), *args).compile()
-        gathered = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", loop.as_text())
-                    if str(request.max_len) in m.group(1).split(",")]
+        gathered = _cache_all_gathers(loop.as_text(), cache)
         assert not gathered, f"{spec}: the decode loop all-gathers cache-sized arrays {gathered}"
         out, count, cache = loop(jnp.int32(new), *args)
         _assert_cache_sharded(cache, mesh, layout, "after the decode loop")

@@ -311,7 +311,7 @@ def test_builtin_tool_namespaces_match_openai_harmony(enc: tiktoken.Encoding, re
 
 
 def test_tool_message_needs_a_name(enc: tiktoken.Encoding) -> None:
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match=r"a tool message needs the tool's name, e\.g\. name='functions\.x'"):
         render_conversation(Conversation([Message("tool", "x")]), enc)
 
 
@@ -396,7 +396,7 @@ def test_parse_stops_at_endoftext(enc: tiktoken.Encoding) -> None:
 
 def test_parse_truncated_header(enc: tiktoken.Encoding) -> None:
     tokens = _generated(enc, "<|channel|>final<|message|>ok<|end|><|start|>assistant<|channel|>fin")
-    with pytest.raises(HarmonyParseError, match="header"):
+    with pytest.raises(HarmonyParseError, match=r"end inside a message header 'assistant<\|channel\|>fin'"):
         parse_completion(tokens, enc)
     assert parse_completion(tokens, enc, strict=False) == [_assistant("ok", "final")]
     assert parse_completion([], enc) == []

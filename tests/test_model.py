@@ -24,11 +24,16 @@ def test_logits_and_every_layer_match_reference(golden):
 
 def test_bfloat16_argmax_agrees_with_float32(golden):
     """bfloat16 weights and matmuls pick float32's argmax at least as often as transformers' own
-    bfloat16 model does, on the same weights and 8 x 128 tokens.
+    bfloat16 model does, on the same weights and 8 x 128 tokens, and their logits are as close to
+    transformers' bfloat16 logits as those are to float32.
 
     The tiny random models have flat logits and near-tie routing, so even transformers' bfloat16
     agrees with its float32 on only 92-95% of positions (stored in the fixture): that figure, not a
-    fixed 99%, is the bar a random model allows.
+    fixed 99%, is the bar a random model allows. The same near-ties send a few positions to other
+    experts (errors ~50x the rest), so logit errors are taken at a typical position: the median over
+    positions of the RMS over the vocabulary, bounded by transformers' own bfloat16 error (measured:
+    ours vs transformers' bfloat16 0.92-0.96x it; ours vs float32 0.60-0.62x, since our residual
+    stream stays float32 where transformers' is rounded to bfloat16 in every layer).
     """
     run = jax.jit(lambda p, t: gptoss_jax.forward(golden.config, p, t))
     full_params, half_params = golden.params(np.float32), golden.params(jnp.bfloat16)
@@ -38,20 +43,40 @@ def test_bfloat16_argmax_agrees_with_float32(golden):
     assert agreement >= max(reference, 0.9), (
         f"bfloat16 argmax agrees with float32 on {agreement:.1%}; transformers' bfloat16: {reference:.1%}")
 
+    def typical(error: np.ndarray) -> float:
+        return float(np.median(np.sqrt(np.mean(np.square(error, dtype=np.float64), axis=-1))))
+
+    own = float(golden.outputs["bf16_error"])  # transformers' bfloat16 vs its float32
+    assert golden.outputs["bf16_logits"].shape == half.shape and 0 < own < 0.1
+    to_reference, to_float32 = typical(half - golden.outputs["bf16_logits"]), typical(half - full)
+    assert to_reference <= 1.1 * own, (
+        f"bfloat16 logits {to_reference:.4f} from transformers' bfloat16; its own error: {own:.4f}")
+    assert to_float32 <= 0.75 * own, (
+        f"bfloat16 logits {to_float32:.4f} from float32; transformers' bfloat16: {own:.4f}")
+
 
 def test_sliding_window_limits_what_a_query_sees(golden):
-    """Changing a token more than `window` positions back changes full layers only; a sliding-only
-    stack would not see it. Checked on the first (sliding) layer's output."""
-    config, tokens = golden.config, golden.outputs["tokens"][:1].copy()
-    run = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t, return_hidden=True)[1][0])
-    params = golden.params(np.float32)
-    before = np.asarray(run(params, tokens))
-    changed = tokens.copy()
-    changed[0, 0] = (changed[0, 0] + 1) % config.vocab_size
-    after = np.asarray(run(params, changed))
-    w = config.sliding_window
-    assert np.abs(after[0, :w] - before[0, :w]).max() > 1e-3  # inside the window: seen
-    np.testing.assert_array_equal(after[0, w:], before[0, w:])  # beyond it: unseen
+    """A sliding layer's query i sees exactly the `window` keys i - window < j <= i; a full layer
+    after it sees every j <= i. One batch: row 0 the tokens, row 1 + j the same with token j changed;
+    the first (sliding) layer's output at i must change iff j is in i's window (a window one too
+    narrow or too wide fails), the last (full) layer's iff j <= i."""
+    config, tokens = golden.config, golden.outputs["tokens"][:1]
+    t, w = tokens.shape[1], config.sliding_window
+    assert config.layer_types[0] == "sliding_attention" and config.layer_types[-1] == "full_attention"
+    assert t >= 2.5 * w  # queries with a full window and keys beyond it
+    batch = np.repeat(tokens, t + 1, axis=0)
+    j = np.arange(t)
+    batch[1 + j, j] = (batch[1 + j, j] + 1) % config.vocab_size
+    hidden = jax.jit(lambda p, x: gptoss_jax.forward(config, p, x, return_hidden=True)[1][jnp.array([0, -1])])(
+        golden.params(np.float32), batch)
+    change = np.abs(np.asarray(hidden)[:, 1:] - np.asarray(hidden)[:, :1]).max(-1)  # [2 layers, changed j, query i]
+    key, query = np.meshgrid(j, j, indexing="ij")
+    for layer, seen, what in ((0, (key <= query) & (query - key < w), f"sliding window {w}"),
+                              (1, key <= query, "causal (full layer)")):
+        assert layer or (seen[:, w:].sum(0) == w).all()  # the mask itself: exactly w keys per query
+        assert change[layer][seen].min() > 1e-3, f"{what}: a visible key changes nothing"
+        hidden_keys = np.argwhere((change[layer] > 0) & ~seen)
+        assert hidden_keys.size == 0, f"{what}: (key, query) pairs seen beyond the mask: {hidden_keys[:5].tolist()}"
 
 
 def test_padding_positions_are_invisible(golden):

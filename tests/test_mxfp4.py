@@ -77,12 +77,16 @@ def test_dequantize_layout_low_nibble_first_blocks_along_last_axis():
 
 
 def test_dequantize_rejects_bad_inputs():
-    with pytest.raises(ValueError):
+    """Each error names the argument at fault and its shape or dtype."""
+    with pytest.raises(ValueError, match=r"blocks must be \[\.\.\., G, 16\] .*got shape \(3, 8\)"):
         dequantize(np.zeros((3, 8), np.uint8), np.zeros(3, np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"scales must be \[\.\.\., G\] = \(3,\) for blocks of shape \(3, 16\), "
+                                         r"got shape \(4,\)"):
         dequantize(np.zeros((3, 16), np.uint8), np.zeros(4, np.uint8))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^blocks must be uint8, got int32"):
         dequantize(np.zeros((3, 16), np.int32), np.zeros(3, np.uint8))
+    with pytest.raises(TypeError, match=r"^scales must be uint8, got float32"):
+        dequantize(np.zeros((3, 16), np.uint8), np.zeros(3, np.float32))
 
 
 def random_mxfp4(rng, shape, low=1, high=252):
@@ -147,9 +151,13 @@ def test_quantize_scale_rule():
         assert quantize(values)[1].item() == expected, amax
     blocks, scales = quantize(np.zeros(32, np.float32))
     assert scales.item() == 0 and not blocks.any()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"needs finite values, got inf at index \(0,\) of values with shape \(32,\)"):
         quantize(np.full(32, np.inf, np.float32))
-    with pytest.raises(ValueError):
+    late = np.zeros((3, 2, 64), np.float32)
+    late[2, 1, 40] = np.nan  # past the first block of the last row: the first bad value is named
+    with pytest.raises(ValueError, match=r"got nan at index \(2, 1, 40\) of values with shape \(3, 2, 64\)"):
+        quantize(late)
+    with pytest.raises(ValueError, match=r"last dimension must be a multiple of 32, got shape \(48,\)"):
         quantize(np.zeros(48, np.float32))
 
 

@@ -6,6 +6,8 @@ Run as a script, this file is the multi-host worker (see `test_two_processes_mat
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import re
@@ -169,14 +171,17 @@ def test_param_shardings_match_abstract_params():
 @pytest.mark.parametrize("config_name", ["gpt-oss-20b", "gpt-oss-120b"])
 def test_partition_specs_golden(config_name):
     """Param path -> PartitionSpec under the main presets, as committed: a sharding change is a diff
-    (regenerate with GPTOSS_JAX_UPDATE_GOLDEN=1)."""
+    (GPTOSS_JAX_UPDATE_GOLDEN=1 rewrites the file and fails, so that the rewrite gets reviewed)."""
     config = gptoss_jax.load_config(config_name)
     table = {name: {"mesh": sharding.PRESETS[name][0],
                     "specs": sharding.rules.spec_table(config, sharding.PRESETS[name][0])}
              for name in sharding.GOLDEN_PRESETS}
     path = FIXTURES / f"partition_specs_{config_name}.json"
-    if UPDATE_GOLDEN:
+    if UPDATE_GOLDEN:  # a rewritten golden proves nothing until reviewed: never a pass
+        changed = not path.exists() or path.read_text() != _golden_json(table)
         path.write_text(_golden_json(table))
+        pytest.fail(f"GPTOSS_JAX_UPDATE_GOLDEN=1: rewrote {path} ({'changed' if changed else 'unchanged'}); "
+                    "review `git diff` of it, then run again without GPTOSS_JAX_UPDATE_GOLDEN", pytrace=False)
     assert path.exists(), f"{path} missing: run with GPTOSS_JAX_UPDATE_GOLDEN=1"
     golden = json.loads(path.read_text())
     for name in table:
@@ -231,16 +236,70 @@ def _expected_local_bytes(path, total, config, sizes):
     return total
 
 
-def _expert_weight_all_gathers(hlo, config, sizes):
-    """all-gather results in the HLO shaped like (a piece of) gate_up or down: [..., d, c] or [..., c, d]."""
-    d, i = config.hidden, config.intermediate
-    columns = {2 * i // f for f in (1, 2, 4, 8)} | {i // f for f in (1, 2, 4, 8)}
-    found = []
-    for match in re.finditer(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", hlo):
-        dims = [int(x) for x in match.group(1).split(",") if x]
-        if len(dims) >= 3 and ((dims[-2] == d and dims[-1] in columns) or (dims[-2] in columns and dims[-1] == d)):
-            found.append(match.group(0))
+def _all_gather_results(hlo: str) -> list[tuple[int, ...]]:
+    """Shape of every array an all-gather in `hlo` produces (each part of a tuple-shaped one too)."""
+    shapes = []
+    for match in re.finditer(r"= (\([^=]*?\)|\S+) all-gather(?:-start)?\(", hlo):
+        parts = re.findall(r"\w+\[([\d,]*)\]", match.group(1))
+        shapes += [tuple(int(x) for x in dims.split(",") if x) for dims in parts]
+    return shapes
+
+
+def _is_expert_matrix(axes: tuple[str, ...]) -> bool:
+    """gate_up [(layers,) experts, embed, expert_mlp] and down [(layers,) experts, expert_mlp, embed]."""
+    return "experts" in axes and len([a for a in axes if a != "layers"]) == 3
+
+
+@functools.cache
+def _weights(config_name: str) -> tuple[dict, dict]:
+    """({path: shape}, {path: logical axes}) of a config's weights (nothing allocated)."""
+    config = gptoss_jax.load_config(config_name)
+    shapes = {path: s.shape for path, s in flatten(gptoss_jax.abstract_params(config)).items()}
+    return shapes, flatten(gptoss_jax.logical_axes(config))
+
+
+def _weight_gather_shapes(config, mesh, experts: bool) -> dict[tuple[int, ...], str]:
+    """{last three dims: weight ("mlp/down")} of every array an all-gather of a weight can produce on
+    `mesh`: each dim from its shard's size (as the rules split it) up to the full one, the shard itself
+    excluded. experts=True: the expert matrices (keyed on their experts dim: [experts, rows, columns]);
+    False: every other weight of >= 3 dims (attention's q, k, v, o, their biases, stacked routers, ...)."""
+    sizes = sharding.axis_sizes(sharding.parse_mesh_spec(mesh) if isinstance(mesh, str) else mesh)
+    shapes, logical = _weights(config.name)
+    found = {}
+    for path, shape in shapes.items():
+        if _is_expert_matrix(logical[path]) != experts or len(shape) < 3:
+            continue
+        spec = sharding.rules.weight_spec(logical[path], shape, sizes)
+        spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+        options, local = [], []
+        for n, entry in list(zip(shape, spec))[-3:]:
+            split = int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry or ())]))
+            options.append([n // k for k in range(1, split + 1) if split % k == 0])
+            local.append(n // split)
+        for dims in itertools.product(*options):
+            if dims != tuple(local):
+                found.setdefault(dims, "/".join(path[-2:]))
     return found
+
+
+def _expert_weight_all_gathers(hlo, config, mesh) -> list[tuple[str, tuple[int, ...]]]:
+    """(weight, dims) for each all-gather in the HLO whose result is (a piece of) an expert matrix,
+    gate_up or down, recognised by its last three dims [experts, rows, columns] (see _weight_gather_shapes)."""
+    expert_shapes = _weight_gather_shapes(config, mesh, experts=True)
+    return [(expert_shapes[dims[-3:]], dims) for dims in _all_gather_results(hlo)
+            if len(dims) >= 3 and dims[-3:] in expert_shapes]
+
+
+@pytest.mark.parametrize("spec", MESHES + ("fsdp=2,expert=2,tensor=2",))
+def test_expert_all_gather_detector_tells_expert_weights_apart(spec):
+    """No all-gather of another weight can look like one of an expert matrix (tiny-ep's head_dim 6 is
+    intermediate / 4: attention's o [heads, 6, 40] once passed for down [experts, 24 / 4, 40])."""
+    config = gptoss_jax.load_config(CONFIG)
+    expert_shapes = _weight_gather_shapes(config, spec, experts=True)
+    other_shapes = _weight_gather_shapes(config, spec, experts=False)
+    assert set(expert_shapes.values()) == {"mlp/gate_up", "mlp/down"}, spec
+    both = {dims: (expert_shapes[dims], other_shapes[dims]) for dims in set(expert_shapes) & set(other_shapes)}
+    assert not both, f"{spec}: all-gathers of these shapes could be either weight: {both}"
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -333,7 +392,7 @@ def test_decode_batch_smaller_than_expert_axis(case):
     reference = np.asarray(jax.jit(forward_fn(config))(params, small))
     logits, hlo, _ = run_on_mesh(config, params, small, sharding.make_mesh("expert=4,tensor=2"))
     assert_same_logits(logits, reference, "batch 2 on expert=4,tensor=2")
-    assert not _expert_weight_all_gathers(hlo, config, sharding.axis_sizes({"expert": 4, "tensor": 2}))
+    assert not _expert_weight_all_gathers(hlo, config, {"expert": 4, "tensor": 2})
 
 
 def test_fsdp_mesh(case):
@@ -345,7 +404,13 @@ def test_fsdp_mesh(case):
     gate_up = flatten(placed)[("layers", "full", "mlp", "gate_up")]
     assert gate_up.addressable_shards[0].data.nbytes == gate_up.nbytes // 8
     # FSDP all-gathers each layer's expert weights by design, which also shows the HLO check sees them
-    assert _expert_weight_all_gathers(hlo, config, sharding.axis_sizes(mesh))
+    # (both matrices), and its attention weights, which the check must not take for expert weights
+    found = _expert_weight_all_gathers(hlo, config, mesh)
+    assert {weight for weight, _ in found} == {"mlp/gate_up", "mlp/down"}, found
+    other_shapes = _weight_gather_shapes(config, mesh, experts=False)
+    others = [dims for dims in _all_gather_results(hlo) if len(dims) >= 3 and dims[-3:] in other_shapes]
+    assert (4, 6, 40) in others, others  # attention's o [heads, head_dim, embed], gathered back over fsdp
+    assert not [dims for _, dims in found if dims[-3:] in other_shapes], found
 
 
 # ---------------------------------------------------------------------------------------------
