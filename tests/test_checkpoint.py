@@ -9,8 +9,6 @@ import dataclasses
 import errno
 import json
 import shutil
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 import gptoss_jax
 from gptoss_jax import checkpoint as ck
+from gptoss_jax.checkpoint import convert as ck_convert
 from gptoss_jax import cli, mxfp4
+from gptoss_jax.ops import parallel
 from gptoss_jax.mxfp4 import dequantize
 from gptoss_jax.params import abstract_params, flatten, params_from_hf, unflatten
 
@@ -84,7 +84,7 @@ def mxfp4_params(dense_params, config, released):
                 layers = [released(layer, hf_name, part) for layer in range(first, config.num_layers, 2)]
                 if part == "blocks":
                     layers = [np.ascontiguousarray(b.swapaxes(-1, -2)) for b in layers]
-                flat[("layers", kind, "mlp", f"{matrix}_{part}")] = np.stack(layers)
+                flat[("layers", kind, "mlp", matrix, part)] = np.stack(layers)
     return unflatten(flat)
 
 
@@ -251,14 +251,15 @@ def test_load_model_into_mesh_shardings(source, keep_mxfp4, converted):
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     shardings = mesh_shardings(abstract_params(config, jnp.float32), mesh)
     if keep_mxfp4:
-        shardings["layers"]["full"]["mlp"]["down_blocks"] = NamedSharding(mesh, P(None, None, None, "b", "a"))
+        down = shardings["layers"]["full"]["mlp"]["down"]
+        shardings["layers"]["full"]["mlp"]["down"] = dataclasses.replace(down, blocks=NamedSharding(mesh, P(None, None, None, "b", "a")))
     path = converted(TINY_M, keep_mxfp4=keep_mxfp4) if source == "converted" else TINY_M
     loaded_config, params = ck.load_model(path, dtype=jnp.float32, shardings=shardings, keep_mxfp4=keep_mxfp4)
     assert loaded_config.expert_format == config.expert_format
     for leaf_path, leaf in flatten(params).items():
         assert leaf.sharding == flatten(shardings)[leaf_path], leaf_path
     if keep_mxfp4:
-        gate_up = params["layers"]["sliding"]["mlp"]["gate_up_blocks"]
+        gate_up = params["layers"]["sliding"]["mlp"]["gate_up"].blocks
         assert gate_up.sharding.spec == P("a", None, "b", None, None) and len(gate_up.addressable_shards) == 8
         assert_params_equal(params, mxfp4_reference_params())
     else:
@@ -268,16 +269,15 @@ def test_load_model_into_mesh_shardings(source, keep_mxfp4, converted):
 
 
 def test_load_model_with_mesh_asks_the_sharding_rules(converted, monkeypatch):
-    """mesh= goes through gptoss_jax.sharding.param_shardings(config, mesh) (imported lazily)."""
+    """mesh= goes through the sharding rules' param_shardings(config, mesh) (which gptoss_jax.sharding
+    registers into gptoss_jax.ops.parallel: the checkpoint code never imports it)."""
     calls = []
 
     def param_shardings(config, mesh):
         calls.append((config.name, mesh.shape))
         return mesh_shardings(abstract_params(config), mesh)
 
-    fake = types.ModuleType("gptoss_jax.sharding")
-    fake.param_shardings = param_shardings
-    monkeypatch.setitem(sys.modules, "gptoss_jax.sharding", fake)
+    monkeypatch.setattr(parallel, "_param_shardings", param_shardings)
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     config, params = ck.load_model(converted(TINY_M, jnp.bfloat16), mesh=mesh)
     assert calls == [(config.name, mesh.shape)]
@@ -465,7 +465,7 @@ def test_full_disk_leaves_nothing_behind(existing, tmp_path, monkeypatch, conver
         shutil.copytree(converted(TINY_A), dst)
     before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} if existing else None
     calls = []
-    real_write = ck._write_chunk
+    real_write = ck_convert._write_chunk
 
     def write_until_full(store, box, value):
         calls.append(box)
@@ -473,7 +473,7 @@ def test_full_disk_leaves_nothing_behind(existing, tmp_path, monkeypatch, conver
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(store, box, value)
 
-    monkeypatch.setattr(ck, "_write_chunk", write_until_full)
+    monkeypatch.setattr(ck_convert, "_write_chunk", write_until_full)
     with pytest.raises(ck.CheckpointError, match="no space left on device") as failure:
         ck.convert_checkpoint(TINY_A, dst, force=True, progress=False)
     assert str(dst) in str(failure.value)
@@ -594,7 +594,7 @@ def test_keep_mxfp4_copies_the_bytes_and_gives_the_reference_logits(converted, r
                               "tiny-mxfp4 logits, MXFP4 experts")
     _, as_bf16 = ck.load_model(dst, dtype=jnp.bfloat16)
     mlp = as_bf16["layers"]["full"]["mlp"]
-    assert mlp["gate_up_blocks"].dtype == jnp.uint8 and mlp["down_scales"].dtype == jnp.uint8
+    assert mlp["gate_up"].blocks.dtype == jnp.uint8 and mlp["down"].scales.dtype == jnp.uint8
     assert mlp["down_bias"].dtype == jnp.bfloat16
 
 
@@ -726,5 +726,5 @@ def test_load_of_a_converted_checkpoint_that_its_config_does_not_describe(tmp_pa
     with pytest.raises(ck.CheckpointError, match=r"param layers/\w+/mlp/\w+ is stored with shape \[2, 5, "):
         gptoss_jax.load_model(dst)
     config_file.write_text(json.dumps({**original, "expert_format": "mxfp4"}))
-    with pytest.raises(ck.CheckpointError, match=r"cannot open param layers/\w+/mlp/\w+_blocks \(missing"):
+    with pytest.raises(ck.CheckpointError, match=r"cannot open param layers/\w+/mlp/\w+/blocks \(missing"):
         gptoss_jax.load_model(dst)
