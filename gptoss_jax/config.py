@@ -87,20 +87,6 @@ class Config:
         """Query heads sharing one KV head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 
-    def param_counts(self) -> dict[str, int]:
-        """Parameter counts: `total`, and `active` per token (top-k experts, without the embedding)."""
-        d, e = self.hidden, self.num_experts
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = d * q + q + 2 * (d * kv + kv) + q * d + d + self.num_heads
-        router = d * e + e
-        one_expert = d * 2 * self.intermediate + 2 * self.intermediate + self.intermediate * d + d
-        norms = 2 * d
-        per_layer = attention + router + norms + e * one_expert
-        embedding = self.vocab_size * d
-        total = self.num_layers * per_layer + 2 * embedding + d
-        inactive_experts = self.num_layers * (e - self.experts_per_token) * one_expert
-        return {"total": total, "active": total - inactive_experts - embedding}
-
     def to_hf_dict(self) -> dict[str, Any]:
         """This config as a Hugging Face `config.json` dictionary (model_type gpt_oss)."""
         return {

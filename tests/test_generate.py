@@ -13,7 +13,7 @@ from conftest import assert_close_to_reference
 
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
-from gptoss_jax.bits import as_bits
+from gptoss_jax.ops.bits import as_bits
 from gptoss_jax.generate import (
     Sampling,
     _bucket,

@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_close_to_reference
 
 import gptoss_jax
-from gptoss_jax import attention
+from gptoss_jax.ops import attention
 
 
 def test_logits_and_every_layer_match_reference(golden):
@@ -112,7 +112,7 @@ def test_bfloat16_weights_as_bits_give_identical_logits():
     weights to float32) shares the buffers and changes no logit, dense experts and MXFP4 alike."""
     import dataclasses
 
-    from gptoss_jax.bits import as_bits
+    from gptoss_jax.ops.bits import as_bits
     from gptoss_jax.model import build
 
     for config in (gptoss_jax.load_config("tiny-a"),

@@ -14,7 +14,9 @@ import pytest
 import gptoss_jax
 from gptoss_jax import cache as cache_lib
 from gptoss_jax import mxfp4
+from gptoss_jax.ops import mxfp4 as mxfp4_kernel
 from gptoss_jax.params import abstract_params, dequantize_experts
+from gptoss_jax.quant import MXFP4Weight
 from gptoss_jax.sharding import make_mesh, param_shardings
 from gptoss_jax.train import lora as lora_lib
 from gptoss_jax.train import step as step_lib
@@ -36,31 +38,31 @@ def relative_error(actual, expected) -> float:
 
 def test_decode_is_exact():
     codes = jnp.arange(16, dtype=jnp.uint8)
-    values = np.asarray(mxfp4.decode_fp4(codes))
+    values = np.asarray(mxfp4_kernel.decode_fp4(codes))
     np.testing.assert_array_equal(values, mxfp4.FP4_VALUES)
     np.testing.assert_array_equal(np.signbit(values), np.signbit(mxfp4.FP4_VALUES))  # -0.0 for code 8
     scales = np.arange(1, 255, dtype=np.uint8)
-    np.testing.assert_array_equal(np.asarray(mxfp4.decode_scales(jnp.asarray(scales))),
+    np.testing.assert_array_equal(np.asarray(mxfp4_kernel.decode_scales(jnp.asarray(scales))),
                                   np.ldexp(np.float32(1), scales.astype(np.int32) - 127))
 
 
 def test_matmul_equals_transformers_dequantization():
-    """`mxfp4.matmul` on stacked [layers, experts, ...] weights read by index equals x @ W with W from
+    """`mxfp4_kernel.matmul` on stacked [layers, experts, ...] weights read by index equals x @ W with W from
     the host `dequantize` (bit-equal to transformers'), over several output chunks."""
     rng = np.random.default_rng(0)
     layers, experts, out, fan_in = 2, 3, 96, 128
     released = rng.integers(0, 256, (layers, experts, out, fan_in // 32, 16), dtype=np.uint8)
     scales = rng.integers(115, 130, (layers, experts, out, fan_in // 32), dtype=np.uint8)
     blocks = jnp.asarray(mxfp4.from_released_layout(released))
-    assert mxfp4.chunk_rows(out, fan_in) < out  # more than one decode-and-dot step
+    assert mxfp4_kernel.chunk_rows(out, fan_in) < out  # more than one decode-and-dot step
     x = rng.standard_normal((5, fan_in)).astype(np.float32)
-    matmul = jax.jit(mxfp4.matmul)
+    matmul = jax.jit(mxfp4_kernel.matmul)
     for layer, expert in ((0, 0), (1, 2), (0, 1)):
         w = mxfp4.dequantize(released[layer, expert], scales[layer, expert], dtype=np.float32)  # [out, in]
         expected = x.astype(np.float64) @ w.T.astype(np.float64)
         got = matmul(jnp.asarray(x), blocks, jnp.asarray(scales), (jnp.int32(layer), jnp.int32(expert)))
         assert relative_error(got, expected) < 1e-6
-        dense = mxfp4.dense_matrix(blocks[layer, expert], jnp.asarray(scales[layer, expert]))
+        dense = mxfp4_kernel.dense_matrix(blocks[layer, expert], jnp.asarray(scales[layer, expert]))
         np.testing.assert_array_equal(np.asarray(dense), w.T)
 
 
@@ -107,8 +109,8 @@ def tiny():
 def test_params_are_packed_and_forward_equals_dequantized(tiny):
     config, params, dense_config, dense_params, tokens, forward, logits = tiny
     mlp = params["layers"]["full"]["mlp"]
-    assert "gate_up" not in mlp and mlp["gate_up_blocks"].dtype == jnp.uint8
-    assert mlp["gate_up_blocks"].shape == (2, 16, 2 * 128, 16, 2) and mlp["down_scales"].shape == (2, 16, 64, 4)
+    assert isinstance(mlp["gate_up"], MXFP4Weight) and mlp["gate_up"].blocks.dtype == jnp.uint8
+    assert mlp["gate_up"].blocks.shape == (2, 16, 2 * 128, 16, 2) and mlp["down"].scales.shape == (2, 16, 64, 4)
     assert relative_error(logits, forward(dense_config, dense_params, tokens)) < 1e-5
 
 
@@ -117,7 +119,7 @@ def test_sharded_mxfp4_equals_one_device(tiny, spec):
     config, params, *_, tokens, forward, logits = tiny
     mesh = make_mesh(spec)
     shardings = param_shardings(config, mesh)
-    blocks_spec = shardings["layers"]["sliding"]["mlp"]["down_blocks"].spec  # [layers, e, d, 16, i/32]
+    blocks_spec = shardings["layers"]["sliding"]["mlp"]["down"].blocks.spec  # [layers, e, d, 16, i/32]
     assert blocks_spec[1] == ("expert" if "expert" in spec else None)
     assert blocks_spec[4] == ("tensor" if "tensor" in spec else None)  # the contracted dim's blocks
     sharded = jax.device_put(params, shardings)
