@@ -68,6 +68,44 @@ def test_lora_gradients_and_logits_match_peft(name):
     assert all(np.array_equal(again[k], stored[k]) for k in stored) and sorted(again) == sorted(stored)
 
 
+def test_train_step_loss_grad_norm_and_update_match_peft():
+    """One train step on data=2 (shard_map: one golden row per device, sums psum'd) from peft's adapter:
+    its loss and grad_norm are transformers + peft's, and its AdamW update is the one torch's gradients
+    give. eps = 1 and a clip above the norm make the first update -lr * g / (|g| + 1), which depends on
+    the gradient's scale (with a small eps Adam's first step is lr * sign(g), blind to a scaled gradient)."""
+    from gptoss_jax.sharding import make_mesh
+
+    golden = Golden("tiny-a")
+    config, params = golden.config, golden.params(np.float32)
+    directory = FIXTURES / "tiny-a-lora"
+    adapters, lc = lora_lib.load_peft(directory, config)
+    ref = dict(np.load(directory / "golden.npz"))
+    expected = {k.removeprefix("grad/").replace(".default.", "."): v.astype(np.float64)
+                for k, v in ref.items() if k.startswith("grad/")}
+    norm = np.sqrt(sum(np.sum(g * g) for g in expected.values()))
+    oc = step_lib.OptimConfig(learning_rate=1.0, warmup_steps=0, total_steps=1, eps=1.0, clip_norm=10 * norm)
+    mesh = make_mesh("data=2", jax.devices()[:2])
+    before = lora_lib.to_peft(config, adapters, lc)
+    state = step_lib.replicate({"step": np.zeros((), np.int32), "lora": adapters,
+                                "opt": step_lib.make_optimizer(oc).init(adapters)}, mesh)
+    train_step = step_lib.make_train_step(config, step_lib.replicate(params, mesh), lc, oc, mesh=mesh, remat=None,
+                                          loss_chunk=16)
+    batch = {"inputs": ref["inputs"], "targets": ref["targets"], "weights": ref["weights"],
+             "positions": _positions(ref["inputs"])}
+    state, metrics = train_step(state, step_lib.shard_batch({k: v[None] for k, v in batch.items()}, mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-4)
+    assert float(metrics["lr"]) == 1.0 and int(metrics["tokens"]) == int(ref["weights"].sum())
+    after = lora_lib.to_peft(config, jax.device_get(state["lora"]), lc)
+    assert sorted(after) == sorted(expected)
+    for key, g in expected.items():
+        want = -g / (np.abs(g) + 1.0)
+        # our gradients are within 1e-4 x max |g| of torch's (test above); plus float32 rounding of old + update
+        bound = 1e-4 * np.max(np.abs(g)) + 2 * np.finfo(np.float32).eps * np.max(np.abs(before[key]))
+        error = np.max(np.abs((after[key].astype(np.float64) - before[key]) - want))
+        assert error <= bound, f"{key}: update off by {error:.3g} > {bound:.3g}"
+
+
 def _random_adapters(config, lc, seed=1):
     lora = lora_lib.init_lora(config, lc, seed)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 100))
@@ -164,20 +202,26 @@ def test_data_parallel_and_accumulated_steps_match_one_device():
         if mesh is not None:
             state, p = step_lib.replicate(state, mesh), step_lib.replicate(params, mesh)
         train_step = step_lib.make_train_step(config, p, lc, oc, mesh=mesh, remat="dots")
-        losses = []
+        losses, norms = [], []
         for b in batches:
             local = {k: v.reshape(accum, 8 // accum, *v.shape[2:]) for k, v in b.items()}
             state, metrics = train_step(state, step_lib.shard_batch(local, mesh))
             losses.append(float(metrics["loss"]))
-        return np.array(losses)
+            norms.append(float(metrics["grad_norm"]))
+        return np.array(losses), np.array(norms)
 
-    single = run(None, 1)
-    parallel = run(make_mesh("data=8"), 1)
-    accumulated = run(None, 2)
+    single, single_norms = run(None, 1)
+    parallel, parallel_norms = run(make_mesh("data=8"), 1)
+    accumulated, accumulated_norms = run(None, 2)
     # (losses after updates: Adam's g / sqrt(v) turns rounding in near-zero gradients into whole
     # steps of some adapter entries, so the adapters are not compared entry by entry)
     np.testing.assert_allclose(parallel, single, rtol=1e-5)
     np.testing.assert_allclose(accumulated, single, rtol=1e-5)
+    # and the gradients' scale, at every step (AdamW is blind to a uniformly scaled gradient, and this
+    # norm stays under the clip: a psum where a mean is due would leave the losses equal)
+    assert np.all(single_norms < oc.clip_norm) and len(set(single_norms)) == len(batches)
+    np.testing.assert_allclose(parallel_norms, single_norms, rtol=1e-5)
+    np.testing.assert_allclose(accumulated_norms, single_norms, rtol=1e-5)
 
 
 def test_lora_dropout_on_attention_inputs():
