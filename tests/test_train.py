@@ -2,6 +2,7 @@
 and accumulated steps, the data pipeline, packing (per-example logits, loss and gradients, the loader),
 and the finetune command (kill and resume, NaN stop, packing resume)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -466,7 +467,35 @@ def _write_run(tmp_path: Path, name: str, steps: int, **train) -> Path:
     return run
 
 
-def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
+def _finished_checkpoints(directory: Path) -> list[int]:
+    """The steps of the checkpoints Orbax finished writing in `directory` (not its temporary folders)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+@contextlib.contextmanager
+def _counting_train_steps(monkeypatch):
+    """Records, for every train step `loop.finetune` takes, the step counter of the state it is given."""
+    ran = []
+    make = step_lib.make_train_step
+
+    def counting(*args, **kwargs):
+        train_step = make(*args, **kwargs)
+
+        def step(state, batch):
+            ran.append(int(state["step"]))
+            return train_step(state, batch)
+
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.step_lib, "make_train_step", counting)
+        yield ran
+
+
+def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
+    """Killed (SIGKILL) after step 5, with checkpoints at 2 and 4: --resume restores step 4 and takes
+    steps 5..8 only (the state's step counter 4..7), logging the uninterrupted run's losses (which a
+    restart from step 0 would log too)."""
     steps = 8
     straight = loop.finetune(_write_run(tmp_path, "straight", steps, export=["peft", "merged"]))
     assert len(straight["losses"]) == steps and straight["skipped_lines"] == [5]
@@ -481,9 +510,18 @@ def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
     killed = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "finetune", "--config", str(run)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    finished = _finished_checkpoints(checkpoints)  # every 2 steps, the last 2 kept; killed after step 5,
+    assert finished in ([2, 4], [2]), finished  # maybe before step 4's asynchronous write was finalized
+    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]
     with pytest.raises(FileExistsError, match="--resume"):
         loop.finetune(run)
-    resumed = loop.finetune(run, resume=True)
+    with _counting_train_steps(monkeypatch) as ran:
+        resumed = loop.finetune(run, resume=True)
+    assert ran == list(range(finished[-1], steps))  # the state's step counter at each step taken: from the
+    # latest checkpoint on (4..7 after checkpoint 4), never from 0
+    assert resumed["step"] == steps and _finished_checkpoints(checkpoints) == [6, 8]
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
 
@@ -496,7 +534,7 @@ def test_finetune_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["1"]
 
 
-def test_finetune_with_packing_resumes_exactly(tmp_path):
+def test_finetune_with_packing_resumes_exactly(tmp_path, monkeypatch):
     """`packing = true`: the checkpointed data position (not steps x rows) restores the stream; a run
     resumed from step 2 logs the uninterrupted run's losses. A non-boolean setting is an error."""
     data = tmp_path / "texts.txt"
@@ -514,8 +552,11 @@ def test_finetune_with_packing_resumes_exactly(tmp_path):
     assert data_lib.Batches(dataset, batch_size=2, packing=True).position(2) > 2 * 2  # packed: not steps x rows
     import shutil
 
+    assert _finished_checkpoints(tmp_path / "out" / "checkpoints") == [2, 4]
     shutil.rmtree(tmp_path / "out" / "checkpoints" / "4")
-    resumed = loop.finetune(run, resume=True)
+    with _counting_train_steps(monkeypatch) as ran:
+        resumed = loop.finetune(run, resume=True)
+    assert ran == [2, 3]  # resumed from checkpoint 2: only the remaining steps were taken
     assert len(resumed["losses"]) == 4
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
