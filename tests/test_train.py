@@ -5,6 +5,7 @@ and the finetune command (kill and resume, NaN stop, packing resume)."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,64 @@ def test_merge_equals_adapters_and_peft_export_roundtrips(tmp_path):
     merged_dir = loop.save_merged(tmp_path / "merged", config, lora_lib.merge(config, params, lora, lc))
     config2, restored = gptoss_jax.load_model(merged_dir)
     assert_close_to_reference(forward(restored, tokens), with_adapters, "merged checkpoint")
+
+
+PEFT_SET_BY_FIXTURE = ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters")
+"""What make_lora_golden.py passes to peft.LoraConfig; peft wrote every other key of the fixture's
+adapter_config.json at its own default."""
+
+
+def test_adapter_config_matches_peft_and_unsupported_options_are_refused(tmp_path):
+    """Our adapter_config.json against the one peft 0.21 wrote for the same adapter (tiny-a-lora), key by
+    key; and every peft option we lack, set to a non-default value in that file, is refused with an
+    error naming the option and the file (never silently ignored)."""
+    peft_written = json.loads((FIXTURES / "tiny-a-lora" / "adapter_config.json").read_text())
+    lc = lora_lib.LoraConfig(rank=4, alpha=8.0, router=True)
+    ours = lora_lib.adapter_config(lc, base_model="some/base")
+    assert set(PEFT_SET_BY_FIXTURE) <= set(ours) <= set(peft_written), sorted(set(ours) - set(peft_written))
+    legitimately_different = {
+        "base_model_name_or_path": "where the base model is: the fixture names its own directory",
+        "task_type": "ours says CAUSAL_LM so that PeftModel.from_pretrained builds PeftModelForCausalLM; the "
+                     "fixture's get_peft_model call passed none",
+        "target_modules": "peft stores a set: the order is arbitrary (compared as sets below)",
+    }
+    for key in sorted(set(ours) - set(legitimately_different)):
+        assert ours[key] == peft_written[key], (key, ours[key], peft_written[key])
+    assert ours["task_type"] == "CAUSAL_LM" and peft_written["task_type"] is None
+    assert sorted(ours["target_modules"]) == sorted(peft_written["target_modules"])
+    # the target_parameters order is peft's ParamWrapper nesting, so it is compared as a list (above)
+    assert ours["target_parameters"] == peft_written["target_parameters"]
+    # peft's whole file, every default included, is accepted, and reads as our own export does
+    assert lora_lib.lora_config_from_peft(peft_written) == lora_lib.lora_config_from_peft(ours) == lc
+    assert lora_lib.lora_config_from_peft({**peft_written, "use_rslora": True}).scale == 8.0 / 2  # alpha / sqrt(r)
+
+    refused = {
+        "use_dora": True, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"q_proj": 16.0},
+        "layers_to_transform": [0], "layers_pattern": "layers", "exclude_modules": ["k_proj"],
+        "modules_to_save": ["lm_head"], "trainable_token_indices": [5], "layer_replication": [[0, 1]],
+        "bias": "lora_only", "lora_bias": True, "fan_in_fan_out": True, "megatron_config": {"tp": 2},
+        "use_qalora": True, "alora_invocation_tokens": [1, 2], "arrow_config": {"top_k": 2},
+        "use_bdlora": {"blocks": 2}, "velora_config": {"a": 1}, "kasa_config": {"a": 1},
+        "monteclora_config": {"a": 1}, "init_lora_weights": "pissa", "peft_type": "LOHA",
+        "target_modules": "all-linear", "some_future_option": 3,
+    }
+    for key, value in refused.items():
+        with pytest.raises(ValueError, match=rf"^cfg/adapter_config\.json: peft option {key} = .* is not supported"):
+            lora_lib.lora_config_from_peft({**peft_written, key: value}, source="cfg/adapter_config.json")
+    for key, value in {"init_lora_weights": "olora", "target_modules": ["q_proj", "gate_proj"],
+                       "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.gate_proj"]}.items():
+        with pytest.raises(ValueError, match=rf"peft option {key} = .* not supported"):
+            lora_lib.lora_config_from_peft({**peft_written, key: value})
+    with pytest.raises(ValueError, match="neither target_modules nor target_parameters"):
+        lora_lib.lora_config_from_peft({**peft_written, "target_modules": None, "target_parameters": []})
+    # load_peft names the file it read
+    import shutil
+
+    shutil.copytree(FIXTURES / "tiny-a-lora", tmp_path / "dora")
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**peft_written, "use_dora": True}))
+    path = tmp_path / "dora" / "adapter_config.json"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: peft option use_dora = True is not supported"):
+        lora_lib.load_peft(tmp_path / "dora", gptoss_jax.load_config("tiny-a"))
 
 
 @pytest.mark.reference
