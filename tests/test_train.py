@@ -285,23 +285,70 @@ def test_data_parallel_and_accumulated_steps_match_one_device():
 
 
 def test_lora_dropout_on_attention_inputs():
-    """Dropout (attention adapters' inputs) changes the loss per key, and is off without a key."""
+    """Dropout (attention adapters' inputs) changes the loss per key, and is off without a key. Its
+    semantics, read off layer 0's output with that layer's MLP zeroed (so the output is linear in the
+    `o` adapter's input): each element of the adapter's input is kept with probability 1 - p and then
+    scaled by 1 / (1 - p), independently per element; the base path is never dropped; a key gives
+    the same masks every time."""
     config = gptoss_jax.load_config("tiny-b")
     params = gptoss_jax.init_params(config, seed=1, dtype=jnp.float32)
-    lc = lora_lib.LoraConfig(rank=4, alpha=8, dropout=0.5)
+    p = 0.25
+    lc = lora_lib.LoraConfig(rank=4, alpha=8, dropout=p)
     lora = _random_adapters(config, lc)
     micro = {k: v[0] for k, v in _fixed_batch(config, rows=2, seq=12).items()}
 
     @jax.jit
-    def loss(key):
-        adapters = lora_lib.model_adapters(lora, lc, key)
+    def run(params, lora, key):
+        adapters = lora_lib.model_adapters(lora, lc, key)  # key None: no dropout (evaluation)
         total, count = step_lib.loss_sums(config, params, adapters, micro)
-        return total / count
+        _, hidden = gptoss_jax.forward(config, params, micro["inputs"], micro["positions"], return_hidden=True,
+                                       lora=adapters)
+        return total / count, hidden[0]
 
-    plain = step_lib.loss_fn(config, params, lora, lc, micro)
-    a, b = float(loss(jax.random.PRNGKey(0))), float(loss(jax.random.PRNGKey(1)))
-    assert a != b and a != float(plain) and float(loss(jax.random.PRNGKey(0))) == a
+    plain = run(params, lora, None)[0]
+    a, b = float(run(params, lora, jax.random.PRNGKey(0))[0]), float(run(params, lora, jax.random.PRNGKey(1))[0])
+    assert a != b and a != float(plain) and float(run(params, lora, jax.random.PRNGKey(0))[0]) == a
     assert "dropout" not in lora_lib.model_adapters(lora, lc)["layers"]["full"]["attn"]
+    np.testing.assert_allclose(plain, step_lib.loss_fn(config, params, lora, lc, micro), rtol=1e-6)
+
+    # the base path is not dropped: with every b at zero, dropout changes nothing at all
+    zero = jax.tree_util.tree_map_with_path(lambda path, x: x * 0 if path[-1].key == "b" else x, lora)
+    for key in (jax.random.PRNGKey(0), jax.random.PRNGKey(1)):
+        jax.tree.map(np.testing.assert_array_equal, run(params, zero, key), run(params, zero, None))
+
+    # layer 0 (sliding, pair 0) without its MLP; only its `o` adapter, rank column j reading one element
+    # (head heads[j], dim dims[j]) of the attention output and writing hidden feature features[j]
+    mlp = params["layers"]["sliding"]["mlp"]
+    linear = {**params, "layers": {**params["layers"], "sliding": {**params["layers"]["sliding"], "mlp": {
+        **mlp, "down": mlp["down"].at[0].set(0), "down_bias": mlp["down_bias"].at[0].set(0)}}}}
+    heads, dims, features = [0, 3, 5, 7], [1, 4, 9, 13], [2, 17, 33, 58]
+    o = zero["layers"]["sliding"]["attn"]["o"]
+    o_a, o_b = np.zeros(o["a"].shape, np.float32), np.zeros(o["b"].shape, np.float32)
+    for j, (n, h, f) in enumerate(zip(heads, dims, features)):
+        o_a[0, n, h, j], o_b[0, j, f] = 1.0, 10.0
+    probe = {**zero, "layers": {**zero["layers"], "sliding": {**zero["layers"]["sliding"], "attn": {
+        **zero["layers"]["sliding"]["attn"], "o": {"a": jnp.asarray(o_a), "b": jnp.asarray(o_b)}}}}}
+    base = np.asarray(run(linear, zero, None)[1], np.float64)
+    full = np.asarray(run(linear, probe, None)[1], np.float64)[..., features] - base[..., features]  # [b, t, 4]
+    others = [i for i in range(config.hidden) if i not in features]
+    assert np.max(np.abs(full)) > 1 and np.max(np.abs(np.asarray(run(linear, probe, None)[1])[..., others]
+                                                      - base[..., others])) < 1e-5
+    used = np.abs(full) > 1e-2 * np.max(np.abs(full))
+    ratios, agree = [], []
+    for seed in range(16):
+        key = jax.random.PRNGKey(100 + seed)
+        dropped = np.asarray(run(linear, probe, key)[1], np.float64)
+        np.testing.assert_array_equal(dropped, run(linear, probe, key)[1])  # deterministic given the key
+        ratio = (dropped[..., features] - base[..., features]) / np.where(used, full, 1.0)  # the mask, scaled
+        ratios.append(ratio[used])
+        kept, lost = np.isclose(ratio, 1 / (1 - p), atol=1e-3), np.isclose(ratio, 0.0, atol=1e-3)
+        agree.append((kept.all(-1) | lost.all(-1))[used.all(-1)])
+    ratios = np.concatenate(ratios)
+    kept, dropped = np.isclose(ratios, 1 / (1 - p), atol=1e-3), np.isclose(ratios, 0.0, atol=1e-3)
+    assert (kept | dropped).all(), np.unique(np.round(ratios, 3))  # scaled 1 / (1 - p) or dropped, nothing else
+    assert ratios.size > 1000 and abs(kept.mean() - (1 - p)) < 0.05, (ratios.size, kept.mean())
+    # one mask element per input element, not one per token: the 4 probed elements of a token usually differ
+    assert np.concatenate(agree).mean() < 0.6, np.concatenate(agree).mean()  # independent: 0.75^4 + 0.25^4
 
 
 # ---------------------------------------------------------------------------------------------
