@@ -389,8 +389,21 @@ def test_data_masks_errors_truncation_and_host_slices(tmp_path):
                               process_count=2).batch(5) for i in range(2)]
     for key in whole:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), whole[key])
-    row = whole["weights"][0, 0]
-    assert whole["positions"][0, 0][row == 0].size + row.sum() == 64
+    # each row: its example's tokens[:-1] / tokens[1:] / mask[1:] from position 0, then padding (input
+    # pad_id 0, position -1, weight 0) to seq_len
+    plan = data_lib.Batches(dataset, batch_size=4, accumulation=2, seed=3).plan(5)
+    padded = 0
+    for r, (index,) in enumerate(plan):
+        micro, row = divmod(r, 4)
+        example = dataset.example(index)
+        n = len(example.tokens) - 1
+        pad = 64 - n
+        padded += pad > 0
+        expected = {"inputs": example.tokens[:-1] + [0] * pad, "targets": example.tokens[1:] + [0] * pad,
+                    "positions": list(range(n)) + [-1] * pad, "weights": example.mask[1:] + [0] * pad}
+        for key, value in expected.items():
+            np.testing.assert_array_equal(whole[key][micro, row], value, err_msg=f"row {r} {key}")
+    assert 0 < padded < len(plan)  # rows with padding and the truncated example's full row
 
 
 # ---------------------------------------------------------------------------------------------
