@@ -2,8 +2,10 @@
 and accumulated steps, the data pipeline, packing (per-example logits, loss and gradients, the loader),
 and the finetune command (kill and resume, NaN stop, packing resume)."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +70,44 @@ def test_lora_gradients_and_logits_match_peft(name):
     assert all(np.array_equal(again[k], stored[k]) for k in stored) and sorted(again) == sorted(stored)
 
 
+def test_train_step_loss_grad_norm_and_update_match_peft():
+    """One train step on data=2 (shard_map: one golden row per device, sums psum'd) from peft's adapter:
+    its loss and grad_norm are transformers + peft's, and its AdamW update is the one torch's gradients
+    give. eps = 1 and a clip above the norm make the first update -lr * g / (|g| + 1), which depends on
+    the gradient's scale (with a small eps Adam's first step is lr * sign(g), blind to a scaled gradient)."""
+    from gptoss_jax.sharding import make_mesh
+
+    golden = Golden("tiny-a")
+    config, params = golden.config, golden.params(np.float32)
+    directory = FIXTURES / "tiny-a-lora"
+    adapters, lc = lora_lib.load_peft(directory, config)
+    ref = dict(np.load(directory / "golden.npz"))
+    expected = {k.removeprefix("grad/").replace(".default.", "."): v.astype(np.float64)
+                for k, v in ref.items() if k.startswith("grad/")}
+    norm = np.sqrt(sum(np.sum(g * g) for g in expected.values()))
+    oc = step_lib.OptimConfig(learning_rate=1.0, warmup_steps=0, total_steps=1, eps=1.0, clip_norm=10 * norm)
+    mesh = make_mesh("data=2", jax.devices()[:2])
+    before = lora_lib.to_peft(config, adapters, lc)
+    state = step_lib.replicate({"step": np.zeros((), np.int32), "lora": adapters,
+                                "opt": step_lib.make_optimizer(oc).init(adapters)}, mesh)
+    train_step = step_lib.make_train_step(config, step_lib.replicate(params, mesh), lc, oc, mesh=mesh, remat=None,
+                                          loss_chunk=16)
+    batch = {"inputs": ref["inputs"], "targets": ref["targets"], "weights": ref["weights"],
+             "positions": _positions(ref["inputs"])}
+    state, metrics = train_step(state, step_lib.shard_batch({k: v[None] for k, v in batch.items()}, mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-4)
+    assert float(metrics["lr"]) == 1.0 and int(metrics["tokens"]) == int(ref["weights"].sum())
+    after = lora_lib.to_peft(config, jax.device_get(state["lora"]), lc)
+    assert sorted(after) == sorted(expected)
+    for key, g in expected.items():
+        want = -g / (np.abs(g) + 1.0)
+        # our gradients are within 1e-4 x max |g| of torch's (test above); plus float32 rounding of old + update
+        bound = 1e-4 * np.max(np.abs(g)) + 2 * np.finfo(np.float32).eps * np.max(np.abs(before[key]))
+        error = np.max(np.abs((after[key].astype(np.float64) - before[key]) - want))
+        assert error <= bound, f"{key}: update off by {error:.3g} > {bound:.3g}"
+
+
 def _random_adapters(config, lc, seed=1):
     lora = lora_lib.init_lora(config, lc, seed)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 100))
@@ -94,6 +134,64 @@ def test_merge_equals_adapters_and_peft_export_roundtrips(tmp_path):
     merged_dir = loop.save_merged(tmp_path / "merged", config, lora_lib.merge(config, params, lora, lc))
     config2, restored = gptoss_jax.load_model(merged_dir)
     assert_close_to_reference(forward(restored, tokens), with_adapters, "merged checkpoint")
+
+
+PEFT_SET_BY_FIXTURE = ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters")
+"""What make_lora_golden.py passes to peft.LoraConfig; peft wrote every other key of the fixture's
+adapter_config.json at its own default."""
+
+
+def test_adapter_config_matches_peft_and_unsupported_options_are_refused(tmp_path):
+    """Our adapter_config.json against the one peft 0.21 wrote for the same adapter (tiny-a-lora), key by
+    key; and every peft option we lack, set to a non-default value in that file, is refused with an
+    error naming the option and the file (never silently ignored)."""
+    peft_written = json.loads((FIXTURES / "tiny-a-lora" / "adapter_config.json").read_text())
+    lc = lora_lib.LoraConfig(rank=4, alpha=8.0, router=True)
+    ours = lora_lib.adapter_config(lc, base_model="some/base")
+    assert set(PEFT_SET_BY_FIXTURE) <= set(ours) <= set(peft_written), sorted(set(ours) - set(peft_written))
+    legitimately_different = {
+        "base_model_name_or_path": "where the base model is: the fixture names its own directory",
+        "task_type": "ours says CAUSAL_LM so that PeftModel.from_pretrained builds PeftModelForCausalLM; the "
+                     "fixture's get_peft_model call passed none",
+        "target_modules": "peft stores a set: the order is arbitrary (compared as sets below)",
+    }
+    for key in sorted(set(ours) - set(legitimately_different)):
+        assert ours[key] == peft_written[key], (key, ours[key], peft_written[key])
+    assert ours["task_type"] == "CAUSAL_LM" and peft_written["task_type"] is None
+    assert sorted(ours["target_modules"]) == sorted(peft_written["target_modules"])
+    # the target_parameters order is peft's ParamWrapper nesting, so it is compared as a list (above)
+    assert ours["target_parameters"] == peft_written["target_parameters"]
+    # peft's whole file, every default included, is accepted, and reads as our own export does
+    assert lora_lib.lora_config_from_peft(peft_written) == lora_lib.lora_config_from_peft(ours) == lc
+    assert lora_lib.lora_config_from_peft({**peft_written, "use_rslora": True}).scale == 8.0 / 2  # alpha / sqrt(r)
+
+    refused = {
+        "use_dora": True, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"q_proj": 16.0},
+        "layers_to_transform": [0], "layers_pattern": "layers", "exclude_modules": ["k_proj"],
+        "modules_to_save": ["lm_head"], "trainable_token_indices": [5], "layer_replication": [[0, 1]],
+        "bias": "lora_only", "lora_bias": True, "fan_in_fan_out": True, "megatron_config": {"tp": 2},
+        "use_qalora": True, "alora_invocation_tokens": [1, 2], "arrow_config": {"top_k": 2},
+        "use_bdlora": {"blocks": 2}, "velora_config": {"a": 1}, "kasa_config": {"a": 1},
+        "monteclora_config": {"a": 1}, "init_lora_weights": "pissa", "peft_type": "LOHA",
+        "target_modules": "all-linear", "some_future_option": 3,
+    }
+    for key, value in refused.items():
+        with pytest.raises(ValueError, match=rf"^cfg/adapter_config\.json: peft option {key} = .* is not supported"):
+            lora_lib.lora_config_from_peft({**peft_written, key: value}, source="cfg/adapter_config.json")
+    for key, value in {"init_lora_weights": "olora", "target_modules": ["q_proj", "gate_proj"],
+                       "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.gate_proj"]}.items():
+        with pytest.raises(ValueError, match=rf"peft option {key} = .* not supported"):
+            lora_lib.lora_config_from_peft({**peft_written, key: value})
+    with pytest.raises(ValueError, match="neither target_modules nor target_parameters"):
+        lora_lib.lora_config_from_peft({**peft_written, "target_modules": None, "target_parameters": []})
+    # load_peft names the file it read
+    import shutil
+
+    shutil.copytree(FIXTURES / "tiny-a-lora", tmp_path / "dora")
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**peft_written, "use_dora": True}))
+    path = tmp_path / "dora" / "adapter_config.json"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: peft option use_dora = True is not supported"):
+        lora_lib.load_peft(tmp_path / "dora", gptoss_jax.load_config("tiny-a"))
 
 
 @pytest.mark.reference
@@ -164,40 +262,93 @@ def test_data_parallel_and_accumulated_steps_match_one_device():
         if mesh is not None:
             state, p = step_lib.replicate(state, mesh), step_lib.replicate(params, mesh)
         train_step = step_lib.make_train_step(config, p, lc, oc, mesh=mesh, remat="dots")
-        losses = []
+        losses, norms = [], []
         for b in batches:
             local = {k: v.reshape(accum, 8 // accum, *v.shape[2:]) for k, v in b.items()}
             state, metrics = train_step(state, step_lib.shard_batch(local, mesh))
             losses.append(float(metrics["loss"]))
-        return np.array(losses)
+            norms.append(float(metrics["grad_norm"]))
+        return np.array(losses), np.array(norms)
 
-    single = run(None, 1)
-    parallel = run(make_mesh("data=8"), 1)
-    accumulated = run(None, 2)
+    single, single_norms = run(None, 1)
+    parallel, parallel_norms = run(make_mesh("data=8"), 1)
+    accumulated, accumulated_norms = run(None, 2)
     # (losses after updates: Adam's g / sqrt(v) turns rounding in near-zero gradients into whole
     # steps of some adapter entries, so the adapters are not compared entry by entry)
     np.testing.assert_allclose(parallel, single, rtol=1e-5)
     np.testing.assert_allclose(accumulated, single, rtol=1e-5)
+    # and the gradients' scale, at every step (AdamW is blind to a uniformly scaled gradient, and this
+    # norm stays under the clip: a psum where a mean is due would leave the losses equal)
+    assert np.all(single_norms < oc.clip_norm) and len(set(single_norms)) == len(batches)
+    np.testing.assert_allclose(parallel_norms, single_norms, rtol=1e-5)
+    np.testing.assert_allclose(accumulated_norms, single_norms, rtol=1e-5)
 
 
 def test_lora_dropout_on_attention_inputs():
-    """Dropout (attention adapters' inputs) changes the loss per key, and is off without a key."""
+    """Dropout (attention adapters' inputs) changes the loss per key, and is off without a key. Its
+    semantics, read off layer 0's output with that layer's MLP zeroed (so the output is linear in the
+    `o` adapter's input): each element of the adapter's input is kept with probability 1 - p and then
+    scaled by 1 / (1 - p), independently per element; the base path is never dropped; a key gives
+    the same masks every time."""
     config = gptoss_jax.load_config("tiny-b")
     params = gptoss_jax.init_params(config, seed=1, dtype=jnp.float32)
-    lc = lora_lib.LoraConfig(rank=4, alpha=8, dropout=0.5)
+    p = 0.25
+    lc = lora_lib.LoraConfig(rank=4, alpha=8, dropout=p)
     lora = _random_adapters(config, lc)
     micro = {k: v[0] for k, v in _fixed_batch(config, rows=2, seq=12).items()}
 
     @jax.jit
-    def loss(key):
-        adapters = lora_lib.model_adapters(lora, lc, key)
+    def run(params, lora, key):
+        adapters = lora_lib.model_adapters(lora, lc, key)  # key None: no dropout (evaluation)
         total, count = step_lib.loss_sums(config, params, adapters, micro)
-        return total / count
+        _, hidden = gptoss_jax.forward(config, params, micro["inputs"], micro["positions"], return_hidden=True,
+                                       lora=adapters)
+        return total / count, hidden[0]
 
-    plain = step_lib.loss_fn(config, params, lora, lc, micro)
-    a, b = float(loss(jax.random.PRNGKey(0))), float(loss(jax.random.PRNGKey(1)))
-    assert a != b and a != float(plain) and float(loss(jax.random.PRNGKey(0))) == a
+    plain = run(params, lora, None)[0]
+    a, b = float(run(params, lora, jax.random.PRNGKey(0))[0]), float(run(params, lora, jax.random.PRNGKey(1))[0])
+    assert a != b and a != float(plain) and float(run(params, lora, jax.random.PRNGKey(0))[0]) == a
     assert "dropout" not in lora_lib.model_adapters(lora, lc)["layers"]["full"]["attn"]
+    np.testing.assert_allclose(plain, step_lib.loss_fn(config, params, lora, lc, micro), rtol=1e-6)
+
+    # the base path is not dropped: with every b at zero, dropout changes nothing at all
+    zero = jax.tree_util.tree_map_with_path(lambda path, x: x * 0 if path[-1].key == "b" else x, lora)
+    for key in (jax.random.PRNGKey(0), jax.random.PRNGKey(1)):
+        jax.tree.map(np.testing.assert_array_equal, run(params, zero, key), run(params, zero, None))
+
+    # layer 0 (sliding, pair 0) without its MLP; only its `o` adapter, rank column j reading one element
+    # (head heads[j], dim dims[j]) of the attention output and writing hidden feature features[j]
+    mlp = params["layers"]["sliding"]["mlp"]
+    linear = {**params, "layers": {**params["layers"], "sliding": {**params["layers"]["sliding"], "mlp": {
+        **mlp, "down": mlp["down"].at[0].set(0), "down_bias": mlp["down_bias"].at[0].set(0)}}}}
+    heads, dims, features = [0, 3, 5, 7], [1, 4, 9, 13], [2, 17, 33, 58]
+    o = zero["layers"]["sliding"]["attn"]["o"]
+    o_a, o_b = np.zeros(o["a"].shape, np.float32), np.zeros(o["b"].shape, np.float32)
+    for j, (n, h, f) in enumerate(zip(heads, dims, features)):
+        o_a[0, n, h, j], o_b[0, j, f] = 1.0, 10.0
+    probe = {**zero, "layers": {**zero["layers"], "sliding": {**zero["layers"]["sliding"], "attn": {
+        **zero["layers"]["sliding"]["attn"], "o": {"a": jnp.asarray(o_a), "b": jnp.asarray(o_b)}}}}}
+    base = np.asarray(run(linear, zero, None)[1], np.float64)
+    full = np.asarray(run(linear, probe, None)[1], np.float64)[..., features] - base[..., features]  # [b, t, 4]
+    others = [i for i in range(config.hidden) if i not in features]
+    assert np.max(np.abs(full)) > 1 and np.max(np.abs(np.asarray(run(linear, probe, None)[1])[..., others]
+                                                      - base[..., others])) < 1e-5
+    used = np.abs(full) > 1e-2 * np.max(np.abs(full))
+    ratios, agree = [], []
+    for seed in range(16):
+        key = jax.random.PRNGKey(100 + seed)
+        dropped = np.asarray(run(linear, probe, key)[1], np.float64)
+        np.testing.assert_array_equal(dropped, run(linear, probe, key)[1])  # deterministic given the key
+        ratio = (dropped[..., features] - base[..., features]) / np.where(used, full, 1.0)  # the mask, scaled
+        ratios.append(ratio[used])
+        kept, lost = np.isclose(ratio, 1 / (1 - p), atol=1e-3), np.isclose(ratio, 0.0, atol=1e-3)
+        agree.append((kept.all(-1) | lost.all(-1))[used.all(-1)])
+    ratios = np.concatenate(ratios)
+    kept, dropped = np.isclose(ratios, 1 / (1 - p), atol=1e-3), np.isclose(ratios, 0.0, atol=1e-3)
+    assert (kept | dropped).all(), np.unique(np.round(ratios, 3))  # scaled 1 / (1 - p) or dropped, nothing else
+    assert ratios.size > 1000 and abs(kept.mean() - (1 - p)) < 0.05, (ratios.size, kept.mean())
+    # one mask element per input element, not one per token: the 4 probed elements of a token usually differ
+    assert np.concatenate(agree).mean() < 0.6, np.concatenate(agree).mean()  # independent: 0.75^4 + 0.25^4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +389,21 @@ def test_data_masks_errors_truncation_and_host_slices(tmp_path):
                               process_count=2).batch(5) for i in range(2)]
     for key in whole:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), whole[key])
-    row = whole["weights"][0, 0]
-    assert whole["positions"][0, 0][row == 0].size + row.sum() == 64
+    # each row: its example's tokens[:-1] / tokens[1:] / mask[1:] from position 0, then padding (input
+    # pad_id 0, position -1, weight 0) to seq_len
+    plan = data_lib.Batches(dataset, batch_size=4, accumulation=2, seed=3).plan(5)
+    padded = 0
+    for r, (index,) in enumerate(plan):
+        micro, row = divmod(r, 4)
+        example = dataset.example(index)
+        n = len(example.tokens) - 1
+        pad = 64 - n
+        padded += pad > 0
+        expected = {"inputs": example.tokens[:-1] + [0] * pad, "targets": example.tokens[1:] + [0] * pad,
+                    "positions": list(range(n)) + [-1] * pad, "weights": example.mask[1:] + [0] * pad}
+        for key, value in expected.items():
+            np.testing.assert_array_equal(whole[key][micro, row], value, err_msg=f"row {r} {key}")
+    assert 0 < padded < len(plan)  # rows with padding and the truncated example's full row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +586,35 @@ def _write_run(tmp_path: Path, name: str, steps: int, **train) -> Path:
     return run
 
 
-def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
+def _finished_checkpoints(directory: Path) -> list[int]:
+    """The steps of the checkpoints Orbax finished writing in `directory` (not its temporary folders)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+@contextlib.contextmanager
+def _counting_train_steps(monkeypatch):
+    """Records, for every train step `loop.finetune` takes, the step counter of the state it is given."""
+    ran = []
+    make = step_lib.make_train_step
+
+    def counting(*args, **kwargs):
+        train_step = make(*args, **kwargs)
+
+        def step(state, batch):
+            ran.append(int(state["step"]))
+            return train_step(state, batch)
+
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.step_lib, "make_train_step", counting)
+        yield ran
+
+
+def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
+    """Killed (SIGKILL) after step 5, with checkpoints at 2 and 4: --resume restores step 4 and takes
+    steps 5..8 only (the state's step counter 4..7), logging the uninterrupted run's losses (which a
+    restart from step 0 would log too)."""
     steps = 8
     straight = loop.finetune(_write_run(tmp_path, "straight", steps, export=["peft", "merged"]))
     assert len(straight["losses"]) == steps and straight["skipped_lines"] == [5]
@@ -437,9 +629,18 @@ def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path):
     killed = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "finetune", "--config", str(run)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    finished = _finished_checkpoints(checkpoints)  # every 2 steps, the last 2 kept; killed after step 5,
+    assert finished in ([2, 4], [2]), finished  # maybe before step 4's asynchronous write was finalized
+    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]
     with pytest.raises(FileExistsError, match="--resume"):
         loop.finetune(run)
-    resumed = loop.finetune(run, resume=True)
+    with _counting_train_steps(monkeypatch) as ran:
+        resumed = loop.finetune(run, resume=True)
+    assert ran == list(range(finished[-1], steps))  # the state's step counter at each step taken: from the
+    # latest checkpoint on (4..7 after checkpoint 4), never from 0
+    assert resumed["step"] == steps and _finished_checkpoints(checkpoints) == [6, 8]
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
 
@@ -452,7 +653,7 @@ def test_finetune_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["1"]
 
 
-def test_finetune_with_packing_resumes_exactly(tmp_path):
+def test_finetune_with_packing_resumes_exactly(tmp_path, monkeypatch):
     """`packing = true`: the checkpointed data position (not steps x rows) restores the stream; a run
     resumed from step 2 logs the uninterrupted run's losses. A non-boolean setting is an error."""
     data = tmp_path / "texts.txt"
@@ -470,8 +671,11 @@ def test_finetune_with_packing_resumes_exactly(tmp_path):
     assert data_lib.Batches(dataset, batch_size=2, packing=True).position(2) > 2 * 2  # packed: not steps x rows
     import shutil
 
+    assert _finished_checkpoints(tmp_path / "out" / "checkpoints") == [2, 4]
     shutil.rmtree(tmp_path / "out" / "checkpoints" / "4")
-    resumed = loop.finetune(run, resume=True)
+    with _counting_train_steps(monkeypatch) as ran:
+        resumed = loop.finetune(run, resume=True)
+    assert ran == [2, 3]  # resumed from checkpoint 2: only the remaining steps were taken
     assert len(resumed["losses"]) == 4
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 

@@ -195,13 +195,97 @@ def adapter_config(lc: LoraConfig, base_model: str = "") -> dict[str, Any]:
             "inference_mode": True, "init_lora_weights": True, "use_dora": False, "modules_to_save": None}
 
 
-def lora_config_from_peft(raw: Mapping[str, Any]) -> LoraConfig:
-    """LoraConfig from a peft adapter_config.json's dict (rank, alpha, targets)."""
+PEFT_INERT_OPTIONS = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config",  # metadata and loading switches
+    "megatron_core", "qalora_group_size",  # read only with megatron_config / use_qalora (refused below)
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",  # read only by init_lora_weights' methods
+    "ensure_weight_tying",  # read only with modules_to_save / trainable_token_indices (refused below)
+})
+"""adapter_config.json keys that do not change what a loaded adapter computes."""
+
+PEFT_UNSUPPORTED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA (weight-decomposed LoRA) rescales the merged weight's columns"),
+    "rank_pattern": ({}, "per-module ranks"),
+    "alpha_pattern": ({}, "per-module alphas"),
+    "layers_to_transform": (None, "adapters on some layers only"),
+    "layers_pattern": (None, "adapters on some layers only"),
+    "exclude_modules": (None, "adapters on some modules only"),
+    "modules_to_save": (None, "fully trained copies of whole modules"),
+    "trainable_token_indices": (None, "trained embedding rows"),
+    "layer_replication": (None, "replicated layers"),
+    "bias": ("none", "trained biases"),
+    "lora_bias": (False, "a bias on lora_B"),
+    "fan_in_fan_out": (False, "transposed (Conv1D) base weights"),
+    "megatron_config": (None, "Megatron parallel layers"),
+    "use_qalora": (False, "QALoRA's pooled adapter input"),
+    "alora_invocation_tokens": (None, "activated LoRA (adapter on after invocation tokens only)"),
+    "arrow_config": (None, "Arrow routing among adapters"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "velora_config": (None, "a LoRA variant"),
+    "kasa_config": (None, "a LoRA variant"),
+    "monteclora_config": (None, "a LoRA variant"),
+}
+"""peft (0.21) LoraConfig options this implementation does not have: {key: (peft's default, what it does)}.
+A non-default value is refused, not ignored."""
+
+PEFT_INIT_METHODS = (True, False, "gaussian", "eva", "orthogonal")
+"""`init_lora_weights` values that only initialize lora_A / lora_B (so a saved adapter means what its
+tensors say); others (pissa, olora, corda, loftq, mica, ...) also change the base weights or the
+training rule."""
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """value equals default, counting None, False, {} and [] as the same empty setting."""
+    def empty(v: Any) -> bool:
+        return v is None or v is False or (isinstance(v, (dict, list)) and not v)
+
+    return value == default or (empty(value) and empty(default))
+
+
+def lora_config_from_peft(raw: Mapping[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+    """LoraConfig from a peft adapter_config.json's dict (rank, alpha, dropout, rsLoRA, targets).
+
+    ValueError naming the key and `source` for every option that would change the adapter's math and
+    that this implementation lacks (DoRA, rank / alpha patterns, some layers only, modules_to_save,
+    biases, base-modifying inits, unknown targets, ...): refused, never silently ignored."""
+    def refuse(key: str, why: str) -> ValueError:
+        return ValueError(f"{source}: peft option {key} = {raw[key]!r} is not supported ({why})")
+
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise refuse("peft_type", "only LORA adapters")
+    for key, (default, what) in PEFT_UNSUPPORTED_OPTIONS.items():
+        if key in raw and not _is_default(raw[key], default):
+            raise refuse(key, f"{what}; only {default!r} is")
+    init = raw.get("init_lora_weights", True)
+    if not any(init is m or (isinstance(m, str) and init == m) for m in PEFT_INIT_METHODS):
+        raise refuse("init_lora_weights", f"only {', '.join(map(repr, PEFT_INIT_METHODS))}: other inits change the "
+                                          "base weights or the training rule")
+    known = PEFT_INERT_OPTIONS | set(PEFT_UNSUPPORTED_OPTIONS) | {
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "target_parameters", "init_lora_weights"}
+    for key in sorted(set(raw) - known):
+        if raw[key] not in (None, False, {}, [], ""):
+            raise refuse(key, "an option unknown here (written by a newer peft?)")
+    for key in ("r", "lora_alpha"):
+        if key not in raw:
+            raise ValueError(f"{source}: no {key!r} (LoRA {'rank' if key == 'r' else 'alpha'})")
+
     modules = {v: k for k, v in _ATTN_MODULES.items()}
+    target_modules = raw.get("target_modules") or []
+    if isinstance(target_modules, str):
+        raise refuse("target_modules", f"a pattern; only a list of module names from {sorted(modules)}")
+    unknown = sorted(set(target_modules) - set(modules))
+    if unknown:
+        raise refuse("target_modules", f"modules {unknown} have no adapter here; only {sorted(modules)}")
     parameters = {v: k for k, v in _EXPERT_PARAMETERS.items()}
-    attention = tuple(modules[m] for m in (raw.get("target_modules") or []) if m in modules)
-    attention = tuple(t for t in ATTENTION_TARGETS if t in attention)
     target_parameters = list(raw.get("target_parameters") or [])
+    unknown = sorted(set(target_parameters) - set(parameters) - {ROUTER_PARAMETER})
+    if unknown:
+        raise refuse("target_parameters", f"parameters {unknown} have no adapter here; only "
+                                          f"{sorted(parameters) + [ROUTER_PARAMETER]}")
+    if not target_modules and not target_parameters:
+        raise ValueError(f"{source}: neither target_modules nor target_parameters: the adapter adapts nothing")
+    attention = tuple(t for t in ATTENTION_TARGETS if _ATTN_MODULES[t] in target_modules)
     experts = tuple(parameters[p] for p in target_parameters if p in parameters)
     return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
                       attention=attention, experts=experts, router=ROUTER_PARAMETER in target_parameters,
@@ -289,5 +373,6 @@ def load_peft(directory: str | Path, config: Config) -> tuple[Params, LoraConfig
     from safetensors.numpy import load_file
 
     directory = Path(directory)
-    lc = lora_config_from_peft(json.loads((directory / "adapter_config.json").read_text()))
+    path = directory / "adapter_config.json"
+    lc = lora_config_from_peft(json.loads(path.read_text()), source=str(path))
     return from_peft(config, load_file(str(directory / "adapter_model.safetensors")), lc), lc
