@@ -29,7 +29,7 @@ def worker_breakdown(args: argparse.Namespace, sizes: dict) -> dict:
     import numpy as np
     from flax import nnx
 
-    from gptoss_jax import attention
+    from gptoss_jax.ops import attention
     from gptoss_jax import cache as kv_cache
     from gptoss_jax.config import load_config
     from gptoss_jax.generate import Sampling, _bucket, decode_step, extend
