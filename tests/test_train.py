@@ -554,8 +554,9 @@ def test_packing_loader_is_deterministic_and_resumes_exactly(tmp_path):
 
 
 def test_segments_with_a_kv_cache_are_an_error():
-    from gptoss_jax import attention, cache
+    from gptoss_jax import cache
     from gptoss_jax.model import build
+    from gptoss_jax.ops import attention
 
     config = gptoss_jax.load_config("tiny-a")
     params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
@@ -594,6 +595,31 @@ def _write_run(tmp_path: Path, name: str, steps: int, **train) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     run.write_text("\n".join(lines) + "\n")
     return run
+
+
+KILLED_AFTER_STEP = """
+import os, signal, sys
+from gptoss_jax import cli
+from gptoss_jax.train import loop
+
+make_train_step = loop.step_lib.make_train_step
+
+
+def killing(*args, **kwargs):  # SIGKILL (hard, uncatchable) as step {step} + 1 starts: step {step} is logged and saved
+    train_step = make_train_step(*args, **kwargs)
+
+    def step(state, batch):
+        if int(state["step"]) == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return train_step(state, batch)
+
+    return step
+
+
+loop.step_lib.make_train_step = killing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+"""The finetune command, killed by the test's own hook (the library has none)."""
 
 
 def _finished_checkpoints(directory: Path) -> list[int]:
@@ -635,8 +661,8 @@ def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch
     assert [r["step"] for r in rows] == list(range(1, steps + 1)) and rows[0]["tokens"] > 0
 
     run = _write_run(tmp_path, "killed", steps)
-    env = {**os.environ, loop.KILL_ENV: "5", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
-    killed = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "finetune", "--config", str(run)],
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_STEP.format(step=5), "finetune", "--config", str(run)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     checkpoints = tmp_path / "killed" / "checkpoints"

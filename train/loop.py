@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 import tomllib
@@ -41,8 +40,6 @@ from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import lora as lora_lib
 from gptoss_jax.train import step as step_lib
 
-KILL_ENV = "GPTOSS_JAX_KILL_AT_STEP"
-"""Test hook: SIGKILL this process right after logging that step (a hard, uncatchable stop)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -228,7 +225,6 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
 
     train_step = step_lib.make_train_step(config, params, run.lora, run.optim, mesh=mesh, remat=t.remat,
                                           loss_chunk=t.loss_chunk, seed=t.seed)
-    kill_at = int(os.environ.get(KILL_ENV, "-1"))
     from tqdm import tqdm
 
     bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step",
@@ -258,8 +254,6 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
                 _save(manager, step + 1, state, {"examples_consumed": batches.position(step + 1),
                                                  "packing": batches.packing})
                 last_saved = step + 1
-            if step + 1 == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         manager.wait_until_finished()
