@@ -40,6 +40,14 @@ class Adapted:
         """The dtype of the base weight."""
         return self.base.dtype
 
+    def at_layer(self, index: jax.Array, read: Any) -> Adapted:
+        """Layer `index` of stacked adapters, the base left stacked (an expert matrix read in place
+        by layer; its small factors are sliced, so their gradients stay one layer's size)."""
+        return jax.tree.map(lambda leaf: read(leaf, index), dataclasses.replace(self, base=None)).with_base(self.base)
+
+    def with_base(self, base: Any) -> Adapted:
+        return dataclasses.replace(self, base=base)
+
 
 def attach(params: dict[str, Any], adapters: dict[str, Any] | None) -> dict[str, Any]:
     """params with every weight that `adapters` adapts wrapped as `Adapted` (the one interception point)."""

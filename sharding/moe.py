@@ -165,7 +165,12 @@ def matrix_axes(name: str, weights: Any) -> Any:
 
 
 def matrix_specs(name: str, weights: Any, stacked: tuple[str, ...], sizes: dict[str, int]) -> Any:
-    """PartitionSpec(s) of the expert matrix `name` ("gate_up" | "down"), shaped like `weights`."""
+    """PartitionSpec(s) of the expert matrix `name` ("gate_up" | "down"), shaped like `weights`
+    (`stacked`: the layer axis of the base; LoRA factors are one layer's)."""
+    if isinstance(weights, Adapted):
+        factor = {part: rules.weight_spec(LORA_AXES[name][part], getattr(weights, part).shape, sizes,
+                                          what=f"expert LoRA {name}.{part}") for part in ("a", "b")}
+        return Adapted(matrix_specs(name, weights.base, stacked, sizes), factor["a"], factor["b"])
     return jax.tree.map(lambda axes, w: rules.weight_spec((*stacked, *axes), w.shape, sizes, what=f"expert {name}"),
                         matrix_axes(name, weights), weights, is_leaf=lambda a: isinstance(a, tuple))
 
@@ -194,8 +199,7 @@ def _shard_body(x: jax.Array, ids: jax.Array, gates: jax.Array, gate_up: Any, ga
     shape, d, top_k = x.shape, x.shape[-1], ids.shape[-1]
     tokens, ids, gates = x.reshape(-1, d), ids.reshape(-1, top_k), gates.reshape(-1, top_k)
     if stacked and (sizes["fsdp"] > 1 or strategy == "dense"):  # this layer's experts only
-        gate_up, down = (jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), m)
-                         for m in (gate_up, down))
+        gate_up, down = (matmul.select_layer(m, layer) for m in (gate_up, down))
         stacked = False
     if sizes["fsdp"] > 1:  # FSDP: whole rows of the local experts for this layer
         gate_up, down = _gather_embed("gate_up", gate_up), _gather_embed("down", down)

@@ -353,8 +353,8 @@ def test_expert_layer_gradients_with_lora():
     ids, gates = gptoss_jax.moe.route(x, normal(d, e), normal(e), config.experts_per_token)
     weights = {"gate_up": normal(layers, e, d, 2 * i), "gate_up_bias": normal(e, 2 * i),
                "down": normal(layers, e, i, d), "down_bias": normal(e, d)}
-    lora = {"gate_up": {"a": normal(layers, e, d, r), "b": normal(layers, e, r, 2 * i)},
-            "down": {"a": normal(layers, e, i, r), "b": normal(layers, e, r, d)}}
+    lora = {"gate_up": {"a": normal(e, d, r), "b": normal(e, r, 2 * i)},
+            "down": {"a": normal(e, i, r), "b": normal(e, r, d)}}
 
     def loss(x, weights, lora):
         gate_up, down = (Adapted(weights[name], lora[name]["a"], lora[name]["b"]) for name in ("gate_up", "down"))

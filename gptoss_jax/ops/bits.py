@@ -47,10 +47,11 @@ def value_dtype(table: jax.Array) -> Any:
 
 def layer_slice(tree: Any, index: jax.Array, keep: tuple[str, ...]) -> Any:
     """One layer's slice of stacked params `tree` (each leaf's `index`-th entry along axis 0, read as
-    above), except the subtrees under a key in `keep`, which stay stacked (read in place later)."""
+    above), except the weights under a key in `keep`, which stay stacked (read in place later; a
+    typed weight with `at_layer` slices the parts it wants sliced, e.g. LoRA factors)."""
     def one(path: Any, node: Any) -> Any:
         if path and str(getattr(path[-1], "key", "")) in keep:
-            return node
+            return node.at_layer(index, read) if hasattr(node, "at_layer") else node
         return jax.tree.map(lambda leaf: read(leaf, index), node)
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda node: dataclasses.is_dataclass(node))

@@ -138,7 +138,8 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
 
     With `layer`, w holds every layer's matrices ([layers, g, in, out]) and `layer` picks one: a scan
     over layers then reads the weights in place, where a slice taken outside would be copied. w may
-    be quantized (decoded per tile) or `Adapted` (per-group factors a [(layers,) g, in, r], b [(layers,) g, r, out]).
+    be quantized (decoded per tile) or `Adapted` (per-group factors a [g, in, r], b [g, r, out] of this
+    layer, the base stacked as above).
     """
     base = w.base if isinstance(w, Adapted) else w
     if is_quantized(base):
@@ -147,9 +148,17 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     return jax.lax.platform_dependent(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
 
 
+def select_layer(w: Weight, layer: jax.Array) -> Weight:
+    """The layer `layer` of a stacked expert matrix (of an `Adapted` one: its base; its factors are
+    one layer's already, see `Adapted.at_layer`)."""
+    if isinstance(w, Adapted):
+        return w.with_base(select_layer(w.base, layer))
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, layer, keepdims=False), w)
+
+
 def _ragged_dot(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None) -> jax.Array:
     if layer is not None:
-        w = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, layer, keepdims=False), w)
+        w = select_layer(w, layer)
     if isinstance(w, Adapted):
         y = jax.lax.ragged_dot(x, bits.read(w.base), group_sizes, preferred_element_type=jnp.float32)
         low = jax.lax.ragged_dot(x.astype(w.a.dtype), w.a, group_sizes, preferred_element_type=jnp.float32)
@@ -171,8 +180,8 @@ def _index_group(leaf: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
 
 def _group_product(x_tile: jax.Array, w: Weight, index: tuple[jax.Array, ...]) -> jax.Array:
     """x_tile [tile, in] @ w[index] -> float32 [tile, out]."""
-    if isinstance(w, Adapted):
-        a, b = _index_group(w.a, index), _index_group(w.b, index)
+    if isinstance(w, Adapted):  # factors: one layer's, indexed by group only
+        a, b = _index_group(w.a, index[-1:]), _index_group(w.b, index[-1:])
         low = jnp.dot(x_tile.astype(a.dtype), a, preferred_element_type=jnp.float32)
         return _group_product(x_tile, w.base, index) + jnp.dot(low, b, preferred_element_type=jnp.float32)
     if is_quantized(w):
@@ -214,7 +223,9 @@ def _tiled_grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer
     def typed_zeros(x_tile: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
         # [tile, columns] of zeros that depend on every input like the product does (inside shard_map,
         # both branches of the cond must vary over the same mesh axes), with no matmul
-        probes = [x_tile[:1, :1]] + [_index_group(leaf, index).reshape(-1)[:1] for leaf in jax.tree.leaves(w)]
+        parts = [(w.base, index), (w.a, index[-1:]), (w.b, index[-1:])] if isinstance(w, Adapted) else [(w, index)]
+        probes = [x_tile[:1, :1]] + [_index_group(leaf, at).reshape(-1)[:1]
+                                     for part, at in parts for leaf in jax.tree.leaves(part)]
         return functools.reduce(lambda acc, f: acc * (0 * f).astype(jnp.float32).reshape(-1)[0], probes,
                                 jnp.zeros((tile, columns), jnp.float32))
 
