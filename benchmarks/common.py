@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
