@@ -3,6 +3,9 @@
     {"sliding": {"k", "v": [pairs, b, window, kv_heads, head_dim], "positions": int32 [b, window]},
      "full":    {"k", "v": [pairs, b, max_len, kv_heads, head_dim], "positions": int32 [b, max_len]}}
 
+On CPU a bfloat16 cache travels through the jitted steps as its raw bits (uint16; see
+`gptoss_jax.ops.bits`): `generate` passes it so; `bits.read` gives the values.
+
 Sliding-window layers keep a ring buffer of `sliding_window` slots (position p lives in slot
 p % window), so their memory does not grow with the context; full-attention layers keep one slot
 per position. `positions` says which token position each slot holds (-1: empty); every layer of a
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 
 from gptoss_jax.axes import CACHE_AXES
 from gptoss_jax.config import Config
-from gptoss_jax.ops import parallel
+from gptoss_jax.ops import bits, parallel
 
 Cache = dict[str, Any]
 KINDS = ("sliding", "full")
@@ -81,9 +84,17 @@ def write_slots(slot_positions: jax.Array, positions: jax.Array, ring: bool) -> 
 
 
 def scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """buffer [b, s, ...] with values [b, t, ...] written at slots [b, t] (out-of-range: dropped)."""
+    """buffer [b, s, ...] with values [b, t, ...] written at slots [b, t] (out-of-range: dropped);
+    a buffer of bfloat16 bits (`ops.bits`) gets the values' bits."""
     rows = jnp.arange(buffer.shape[0])[:, None]
-    return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+    return buffer.at[rows, slots].set(bits.stored(values, buffer), mode="drop")
+
+
+def scatter_layer(buffer: jax.Array, layer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """Stacked buffer [layers, b, s, ...] with values [b, t, ...] written at [layer, row, slots[row]]
+    (out-of-range slots: dropped), in place when the buffer is donated or carried by a loop."""
+    rows = jnp.arange(buffer.shape[1])[:, None]
+    return buffer.at[layer, rows, slots].set(bits.stored(values, buffer), mode="drop")
 
 
 def used_bytes(cache: Cache) -> int:

@@ -75,7 +75,9 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 def extend(config: Config, params: Params, cache: kv_cache.Cache, tokens: jax.Array, positions: jax.Array
            ) -> tuple[jax.Array, kv_cache.Cache]:
     """Runs tokens [b, t] at positions [b, t] (negative: padding) through the model, attending to and
-    writing the cache (donated). Returns the final normed hidden float32 [b, t, d] and the cache."""
+    writing the cache (donated). Returns the final normed hidden float32 [b, t, d] and the cache.
+    On CPU pass a bfloat16 cache as its bits (`ops.bits.as_bits`, no copy), as `prefill` does: XLA:CPU
+    would convert all of it to float32 in every step."""
     x, _, cache = build(config, params)(tokens, positions, cache)
     return x, kv_cache.constrain(cache)
 
@@ -90,7 +92,7 @@ def prefill(config: Config, params: Params, cache: kv_cache.Cache, prompts: np.n
     """Writes right-padded prompts [b, L] (row i: lengths[i] tokens) into the cache in chunks of
     `chunk` tokens, so attention never builds an L x L matrix. Returns each row's last-token logits
     float32 [b, vocab] and the cache."""
-    params = as_bits(params)
+    params, cache = as_bits(params), as_bits(cache)  # no copies; see `gptoss_jax.ops.bits`
     b, length = prompts.shape
     chunk = min(chunk, length)
     steps = -(-length // chunk)

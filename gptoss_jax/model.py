@@ -27,8 +27,9 @@ Params = dict[str, Any]
 """A plain nested dict of arrays: the model's weights (see `params.py` for their paths)."""
 KV = dict[str, jax.Array]
 """One layer's cached keys and values: {"k", "v"} [b, s, kv_heads, head_dim]."""
-CacheView = tuple[jax.Array, jax.Array]
-"""What a layer needs to know of its cache's slots: (slot positions [b, s], write slots [b, t])."""
+CacheView = tuple[jax.Array, jax.Array, jax.Array]
+"""What a layer needs to know of its cache's slots: (slot positions [b, s] before this step, write
+slots [b, t], slot positions after it [b, s])."""
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -81,12 +82,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                  window: int | None, kv: KV | None = None, view: CacheView | None = None,
-                 segments: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+                 segments: jax.Array | None = None, layer: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d].
 
-        With a cache: `kv` holds this layer's cached {"k", "v"} [b, s, kv_heads, h] and `view` the
-        slots' positions [b, s] and where the new tokens go [b, t]; the new tokens attend to the
-        cached ones and to each other, and the updated `kv` is returned.
+        With a cache: `kv` holds every layer's cached {"k", "v"} of this kind [pairs, b, s, kv_heads, h],
+        `layer` says which is this one's and `view` where the new tokens go (`CacheView`); they are
+        written in place, then attend to the cached ones and to each other (no copy of the cache),
+        and the updated `kv` is returned.
         `segments` int32 [b, t] (no cache only): packed examples' ids; a token attends only within its own.
         """
         _check_no_cache_with_segments(kv is not None, segments)
@@ -99,18 +101,18 @@ class Attention(nnx.Module):
         v = v.astype(dtype)
         sinks = self.sinks.get_value()
         if kv is None:
-            out = attention.attend(q, k, v, sinks, positions, positions, window, segments, segments)
+            out = attention.attend(q, k, v, sinks, positions, positions, window, segments, segments, in_order=True)
         else:
-            slot_positions, slots = view
-            new_kv = {"k": cache.scatter(kv["k"], slots, k), "v": cache.scatter(kv["v"], slots, v)}
-            if q.shape[1] == 1:  # decode: the token is in its slot now (a ring keeps the last `window`)
-                key_positions = cache.scatter(slot_positions, slots, positions)
-                keys, values = new_kv["k"].astype(dtype), new_kv["v"].astype(dtype)
-            else:  # a chunk: a ring may overwrite slots its own first tokens still need
-                keys = jnp.concatenate([kv["k"].astype(dtype), k], axis=1)
-                values = jnp.concatenate([kv["v"].astype(dtype), v], axis=1)
-                key_positions = jnp.concatenate([slot_positions, positions], axis=1)
-            out = attention.attend(q, keys, values, sinks, positions, key_positions, window)
+            old_positions, slots, new_positions = view
+            new_kv = {name: cache.scatter_layer(kv[name], layer, slots, new) for name, new in (("k", k), ("v", v))}
+            if window is None or q.shape[1] == 1:  # the new tokens are in their slots: attend to the cache
+                out = attention.attend(q, new_kv["k"], new_kv["v"], sinks, positions, new_positions, window,
+                                       layer=layer)
+            else:  # a chunk into a ring may overwrite slots its own first tokens still need: ring + chunk
+                keys = jnp.concatenate([bits.read(kv["k"], layer).astype(dtype), k], axis=1)
+                values = jnp.concatenate([bits.read(kv["v"], layer).astype(dtype), v], axis=1)
+                key_positions = jnp.concatenate([old_positions, positions], axis=1)
+                out = attention.attend(q, keys, values, sinks, positions, key_positions, window)
             kv = new_kv
         y = matmul.project("btnh,nhd->btd", out.astype(dtype), self.o.get_value(), self.o_bias.get_value())
         return y, kv
@@ -162,7 +164,7 @@ class Block(nnx.Module):
                  kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None,
                  segments: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x [b, t, d] -> ([b, t, d], updated kv); `segments` [b, t] as `Attention` takes them."""
-        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, segments)
+        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, segments, layer)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x), layer), kv
 
@@ -231,21 +233,22 @@ class Transformer(nnx.Module):
             for kind in cache.KINDS:
                 slot_positions = kv_cache[kind]["positions"]
                 slots = cache.write_slots(slot_positions, positions, ring=kind == "sliding")
-                views[kind] = (slot_positions, slots)
                 new_positions[kind] = cache.scatter(slot_positions, slots, positions)
+                views[kind] = (slot_positions, slots, new_positions[kind])
 
-        def one_pair(x: jax.Array, index_and_kv: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            # Expert matrices stay stacked and are indexed by layer inside the expert matmul: XLA
-            # copies any slice taken here, and those copies would cost more than the matmuls.
-            index, pair_kv = index_and_kv
+        def one_pair(carry: tuple[jax.Array, Any], index: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
+            # Expert matrices and the KV cache stay stacked and are read (and the cache written) at
+            # `index` in place: XLA copies any slice taken here, and for the cache it also kept a
+            # second whole cache for the scan's output (3 GiB for gpt-oss-20b at 128k).
+            x, kv = carry
             params = bits.layer_slice(pair_params, index, keep=EXPERT_MATRICES)
-            x, hidden, pair_kv = nnx.merge(pair_graph, params)(x, positions, rope, pair_kv, views, index, segments)
-            return x, (hidden, pair_kv)
+            x, hidden, kv = nnx.merge(pair_graph, params)(x, positions, rope, kv, views, index, segments)
+            return (x, kv), hidden
 
         if remat is not None:
             one_pair = jax.checkpoint(one_pair, policy=REMAT_POLICIES[remat], prevent_cse=False)
         pair_index = jnp.arange(self.config.num_layer_pairs)
-        x, (hidden, kv) = jax.lax.scan(one_pair, x, (pair_index, kv))
+        (x, kv), hidden = jax.lax.scan(one_pair, (x, kv), pair_index)
         hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
         new_cache = None
         if kv_cache is not None:
@@ -290,7 +293,7 @@ def forward(config: Config, params: Params, tokens: jax.Array, positions: jax.Ar
     """Logits float32 [b, t, vocab] for int32 `tokens` [b, t].
 
     `positions` [b, t] defaults to 0..t-1 per row; a negative position marks a padding token, which
-    no other token attends to. `segments` int32 [b, t]: several examples packed in one row (ids 1, 2,
+    no other token attends to; valid positions advance by one along a row (within each segment). `segments` int32 [b, t]: several examples packed in one row (ids 1, 2,
     ..., positions restarting at 0 in each); a token attends only to its own example's tokens.
     With `return_hidden`, also returns each layer's output [layers, b, t, d].
     `lora`: LoRA adapters (`gptoss_jax.train.lora.model_adapters`), attached where the weights are read.

@@ -99,7 +99,7 @@ def run_file(tmp_path: Path):
 
 MODEL_FIX = ("fix: pass a checkpoint directory from `gptoss-jax convert`, a Hugging Face gpt-oss directory, or "
              "random:CONFIG; a corrupt checkpoint needs a fresh download or `convert`")
-BUILTINS = "bench, demo, gpt-oss-120b, gpt-oss-20b, tiny-a, tiny-b, tiny-ep, tiny-mxfp4"
+BUILTINS = "bench, demo, gpt-oss-120b, gpt-oss-20b, long-small, tiny-a, tiny-b, tiny-ep, tiny-mxfp4"
 
 
 def test_unknown_config_and_model_paths(capsys, tmp_path):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.ops.attention import attend
+from gptoss_jax.ops.attention import attend_dense as attend
 from gptoss_jax.ops.splash import attend_splash
 
 TOLERANCE = 1e-5  # relative to the oracle's largest magnitude; measured ~1e-6 (out and all four grads)
@@ -90,3 +90,24 @@ def test_lowers_to_the_tpu_pallas_kernel():
         exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes)
         assert exported.platforms == ("tpu",)
         assert exported.mlir_module().count("tpu_custom_call") >= kernels, fn.__name__
+
+
+def test_the_model_forward_exported_for_tpu_uses_splash():
+    """`gptoss_jax.forward` exported for TPU (from this CPU host, through `attention.lowering_for`) holds
+    the Pallas kernel, one per layer kind; exported for TPU and CPU at once, and lowered for this
+    CPU, it has none (blockwise attention)."""
+    import gptoss_jax
+    from gptoss_jax.ops import attention
+
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.abstract_params(config, jnp.bfloat16)
+    tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    run = jax.jit(lambda p, x: gptoss_jax.forward(config, p, x))
+    with attention.lowering_for("tpu"):
+        tpu = jax.export.export(run, platforms=["tpu"])(params, tokens).mlir_module()
+    with attention.lowering_for("tpu", "cpu"):
+        both = jax.export.export(run, platforms=["tpu", "cpu"])(params, tokens).mlir_module()
+    cpu = run.lower(params, tokens).as_text()
+    assert tpu.count("tpu_custom_call") == 2, tpu.count("tpu_custom_call")  # sliding and full, in one scanned pair
+    assert "tpu_custom_call" not in both
+    assert "tpu_custom_call" not in cpu

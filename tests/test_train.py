@@ -479,9 +479,13 @@ def test_packed_batch_loss_and_lora_gradients_equal_padded():
     packed_loss, packed_grads = loss_and_grads(lora, packed)
     padded_loss, padded_grads = loss_and_grads(lora, padded)
     np.testing.assert_allclose(float(packed_loss), float(padded_loss), rtol=1e-5)
+    # Gradients to 1e-3 of their largest entry: this random model with 0.3-scale adapters amplifies
+    # rounding (1e-7 relative noise on attention's outputs moves them by 1.5e-4), and blockwise
+    # attention sums a packed row's keys in another order than a padded one's (measured: 7e-5).
+    # Attention leaking across the packed examples moves every gradient by 290% or more.
     for path, grad in jax.tree_util.tree_leaves_with_path(padded_grads):
         assert np.max(np.abs(grad)) > 0, path
-        _assert_relative(_tree_get(packed_grads, path), grad, 1e-5, jax.tree_util.keystr(path))
+        _assert_relative(_tree_get(packed_grads, path), grad, 1e-3, jax.tree_util.keystr(path))
 
 
 def _tree_get(tree, path):

@@ -194,6 +194,9 @@ def finetune(run: RunConfig | str | os.PathLike, *, resume: bool = False) -> dic
     config, params = _load_model(run.model, mesh, replicated, t.seed)
 
     d = run.data
+    if not 1 <= int(d.get("seq_len", 512)) <= config.max_positions:
+        raise ValueError(f"[data] seq_len = {d.get('seq_len')}: must be between 1 and the model's context of "
+                         f"{config.max_positions} positions")
     dataset = data_lib.Dataset(d["path"], seq_len=int(d.get("seq_len", 512)), vocab_size=config.vocab_size,
                                fmt=d.get("format", "auto"), on_error=d.get("on_error", "skip"),
                                tokenizer=d.get("tokenizer", "harmony"))

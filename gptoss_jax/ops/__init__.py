@@ -4,7 +4,7 @@
 - `bits`: bfloat16 weights passed to jitted steps as their raw bits on CPU.
 - `matmul`: projections, the unembedding, the grouped expert matmul; typed weights (quantized,
   LoRA-adapted) are read here.
-- `attention`: rotary embeddings and attention with sinks.
+- `attention`: rotary embeddings and attention with sinks (`blockwise`, pure JAX; `splash`, the TPU kernel).
 - `mxfp4`: the MXFP4 matmul kernel (pure JAX).
 - `collectives`: ragged all-to-all (native, or a stand-in on CPU).
 """

@@ -2,17 +2,42 @@
 softmax attention with a learned sink, masked by positions (causal, optional sliding window) and
 optionally by segment ids (examples packed in one row).
 
+`attend` is the one entry point; it picks the backend: `splash` (the Pallas kernel) for TPU
+self-attention on one device, else `blockwise` (pure JAX, memory linear in the context: CPU, GPU,
+and TPU's fallback). `attend_dense` builds the whole score matrix: the tests' oracle, never used
+by the model. The platform is the default backend's, or the one `lowering_for` names (exporting
+for TPU from a CPU host); splash is not even traced for others: its mask tables take 84 s to
+build at 128k (measured on CPU, once per process and shape), which CPU and GPU runs never pay.
+
 Dimension letters: b batch, t query positions, s key positions, n query heads, k KV heads,
 g query heads per KV head, h head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.config import Config, yarn_inv_freq_and_scale
+from gptoss_jax.ops import blockwise, parallel, splash
+
+_PLATFORMS = jax.make_user_context(default_value=None)
+"""The platforms `lowering_for` names (None: the default backend's); part of jit's cache key, so a
+function traced for one platform is traced again for another."""
+
+
+def lowering_for(*platforms: str) -> contextlib.AbstractContextManager:
+    """Inside, `attend` chooses backends for `platforms` (those given to `jax.export`) rather than for
+    the default backend. Several platforms at once get `blockwise` everywhere: a multi-platform
+    lowering lowers every branch for every platform, and the Pallas TPU call refuses the CPU."""
+    return _PLATFORMS(tuple(platforms))
+
+
+def _platforms() -> tuple[str, ...]:
+    return _PLATFORMS.value or (jax.default_backend(),)
 
 
 def rope_cos_sin(config: Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -49,8 +74,28 @@ def visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None,
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positions: jax.Array,
            k_positions: jax.Array, window: int | None, q_segments: jax.Array | None = None,
-           k_segments: jax.Array | None = None) -> jax.Array:
-    """Softmax attention with a per-head sink logit; scores and softmax in float32.
+           k_segments: jax.Array | None = None, *, in_order: bool = False,
+           layer: jax.Array | None = None) -> jax.Array:
+    """`attend_dense`'s result (same arguments and shapes) with memory linear in t and s.
+
+    `in_order`: the keys are the queries, and valid positions advance by one along each row within
+    each segment (forward without a cache, training rows; padding anywhere), so a kernel may mask
+    by index: TPU then uses splash on one device. `layer`: k and v are a KV cache's every layer
+    [layers, b, s, k, h] (possibly bfloat16 bits), read at `layer` in place."""
+    def by_blocks() -> jax.Array:
+        block = 128 if window is not None else 512  # a sliding query block then visits at most 2 key blocks
+        return blockwise.attend(q, k, v, sinks, q_positions, k_positions, window, q_segments, k_segments,
+                                block_q=block, block_k=block, layer=layer)
+
+    if in_order and _platforms() == ("tpu",) and parallel.current() is None:
+        return splash.attend_splash(q, k, v, sinks, q_positions, window, q_segments)
+    return by_blocks()
+
+
+def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positions: jax.Array,
+                 k_positions: jax.Array, window: int | None, q_segments: jax.Array | None = None,
+                 k_segments: jax.Array | None = None) -> jax.Array:
+    """Softmax attention with a per-head sink logit; scores and softmax in float32 (the test oracle).
 
     q [b, t, n, h]; k, v [b, s, k, h]; sinks [n]; q_positions [b, t]; k_positions [b, s] (negative:
     an empty or padding slot); optional q_segments [b, t], k_segments [b, s] (see `visible`) ->

@@ -1,10 +1,13 @@
-"""bfloat16 weights passed to jitted steps as their raw bits, on CPU.
+"""bfloat16 weights and KV caches passed to jitted steps as their raw bits, on CPU.
 
 XLA:CPU has no bfloat16 dynamic-slice: when a jitted step slices a bfloat16 weight (one layer of
 the stacked layers, one token's embedding row, one expert) it converts the WHOLE weight to float32
 first, outside the layer loop: 2.7 GB of temporaries per gpt-oss-20b prefill step and 5.0 GB per
 decode step, with the memory traffic to match. `as_bits` gives the step uint16 views of the same
 buffers instead (no copy); the model slices the bits and bitcasts only the slice (`read`).
+A bfloat16 KV cache has the same problem (a step slicing and updating a 128k-slot gpt-oss-20b
+cache converted all 3 GiB of it to float32, twice: 8.1 GiB of decode-step temporaries): steps take
+and return it as bits too, written through `stored` and read a block at a time through `read`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def read(table: jax.Array, index: Any = None) -> jax.Array:
     as stored."""
     value = table if index is None else table[index]
     return jax.lax.bitcast_convert_type(value, jnp.bfloat16) if table.dtype == BITS else value
+
+
+def stored(values: jax.Array, like: jax.Array) -> jax.Array:
+    """values as `like` stores them: its bits when `like` holds bits, else cast to its dtype."""
+    if like.dtype == BITS:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), BITS)
+    return values.astype(like.dtype)
 
 
 def value_dtype(table: jax.Array) -> Any:
