@@ -35,13 +35,14 @@ def gb(nbytes: int) -> float:
 
 
 def timed_steps(step: Callable[[], float], steps: int) -> tuple[float, list[float]]:
-    """Runs `step()` (returns the loss) `steps` + 1 times: the median seconds after the first, the losses."""
+    """Runs `step()` (returns the loss) `steps` + 1 times: the median seconds after the first (with
+    `steps` 0: the one step's, compilation excluded either way), the losses."""
     times, losses = [], []
     for _ in range(steps + 1):
         tick = time.perf_counter()
         losses.append(float(step()))
         times.append(time.perf_counter() - tick)
-    return common.median(times[1:]), losses
+    return common.median(times[1:] or times), losses
 
 
 def run_jax(config_path: str, seq: int, steps: int) -> dict:

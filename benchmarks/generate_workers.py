@@ -281,13 +281,34 @@ def worker_jax_long(args: argparse.Namespace, sizes: dict) -> dict:
     return result
 
 
-def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
-    """transformers' GptOssForCausalLM (eager attention, float32) on the same weights and prompts."""
+def hf_model(config_path: Path, weights_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """transformers' GptOssForCausalLM (eager attention, float32) of `config_path` with the weights of
+    `weights_dir` (a strict `load_state_dict`): the model, and how long it took and what it holds."""
     import numpy as np
     import torch
-    import transformers
     from transformers import GptOssConfig, GptOssForCausalLM
     from transformers.initialization import no_init_weights
+
+    hf_config = json.loads(Path(config_path).read_text())
+    hf_config.pop("architectures", None)
+    start = time.perf_counter()
+    with no_init_weights():
+        model = GptOssForCausalLM(GptOssConfig(**hf_config, attn_implementation="eager"))
+    model = model.float().eval()
+    tensors = load_hf_tensors(weights_dir)
+    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
+    missing = model.load_state_dict(state, strict=True)
+    del state, tensors
+    common.trim()
+    return model, {"load_seconds": time.perf_counter() - start, "rss_weights": common.rss(),
+                   "attn_implementation": model.config._attn_implementation,
+                   "experts_implementation": model.config._experts_implementation, "load_state_dict": str(missing)}
+
+
+def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
+    """transformers' GptOssForCausalLM (eager attention, float32) on the same weights and prompts."""
+    import torch
+    import transformers
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(2)
@@ -298,21 +319,9 @@ def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
     result["bandwidth"] = common.matvec_bandwidth_torch(sizes["matvec_shape"])
     log(f"  {result['bandwidth']['gb_per_s']:.1f} GB/s")
 
-    hf_config = json.loads(CONFIG_PATH.read_text())
-    hf_config.pop("architectures", None)
-    start = time.perf_counter()
-    config = GptOssConfig(**hf_config, attn_implementation="eager")
-    with no_init_weights():
-        model = GptOssForCausalLM(config)
-    model = model.float().eval()
-    tensors = load_hf_tensors(Path(args.weights_dir))
-    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
-    missing = model.load_state_dict(state, strict=True)
-    del state, tensors
-    common.trim()
-    result.update(load_seconds=time.perf_counter() - start, rss_weights=common.rss(),
-                  attn_implementation=model.config._attn_implementation,
-                  experts_implementation=model.config._experts_implementation, load_state_dict=str(missing))
+    model, loaded = hf_model(CONFIG_PATH, Path(args.weights_dir))
+    config = model.config
+    result.update(loaded)
     log(f"weights loaded in {result['load_seconds']:.1f} s, RSS {common.rss() / GIB:.2f} GiB; attention "
         f"{result['attn_implementation']}, experts {result['experts_implementation']}")
     data = prompts(sizes, config.vocab_size)

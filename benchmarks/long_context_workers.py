@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Callable
 import common
 import generate_workers
 from common import GIB, log
-from generate_workers import CHUNK, load_hf_tensors
+from generate_workers import CHUNK
 
 
 def use_config(args: argparse.Namespace) -> None:
@@ -223,30 +222,14 @@ def worker_jax_parity(args: argparse.Namespace) -> dict:
 def hf_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """transformers' GptOssForCausalLM, eager attention, float32, on the weights of --weights-dir
     (a strict `load_state_dict`), 2 torch threads; the model and what describes it."""
-    import numpy as np
     import torch
     import transformers
-    from transformers import GptOssConfig, GptOssForCausalLM
-    from transformers.initialization import no_init_weights
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(2)
-    hf_config = json.loads(Path(args.config).read_text())
-    hf_config.pop("architectures", None)
-    start = time.perf_counter()
-    with no_init_weights():
-        model = GptOssForCausalLM(GptOssConfig(**hf_config, attn_implementation="eager"))
-    model = model.float().eval()
-    tensors = load_hf_tensors(Path(args.weights_dir))
-    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
-    missing = model.load_state_dict(state, strict=True)
-    del state, tensors
-    common.trim()
-    info = {"load_seconds": time.perf_counter() - start, "rss_weights": common.rss(),
-            "attn_implementation": model.config._attn_implementation,
-            "experts_implementation": model.config._experts_implementation, "load_state_dict": str(missing),
-            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "transformers": transformers.__version__, "torch": torch.__version__}
+    model, info = generate_workers.hf_model(Path(args.config), Path(args.weights_dir))
+    info.update(torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                transformers=transformers.__version__, torch=torch.__version__)
     log(f"transformers model loaded in {info['load_seconds']:.1f} s, RSS {info['rss_weights'] / GIB:.2f} GiB")
     return model, info
 
