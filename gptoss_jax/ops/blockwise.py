@@ -158,7 +158,7 @@ def _backward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, out,
         dq, dk, dv = jax.lax.fori_loop(0, n, visit, (jnp.zeros(qb.shape, jnp.float32), dk, dv))
         return (dk, dv), dq
 
-    zeros = jnp.zeros(k.shape, jnp.float32)  # (caches travel as bits only where nothing is differentiated)
+    zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), (q, q_pos, q_seg, order, count, lse, delta, d_out))
     return dq, dk, dv, d_sinks
 
