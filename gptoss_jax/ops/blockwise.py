@@ -106,9 +106,8 @@ def _forward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where
         def visit(i, carry):
             top, total, acc = carry
             kb, vb = _key_block((k, v), blocks[i], bk, where)
-            kp, ks = _key_block((k_pos,), blocks[i], bk)[0], None
-            if k_seg is not None:
-                ks, = _key_block((k_seg,), blocks[i], bk)
+            kp, = _key_block((k_pos,), blocks[i], bk)
+            ks = None if k_seg is None else _key_block((k_seg,), blocks[i], bk)[0]
             kb, vb = kb.astype(qb.dtype), vb.astype(qb.dtype)  # a cache may be stored in another dtype
             s = _scores(qb, kb, _mask(qp, kp, qs, ks, window))
             new_top = jnp.maximum(top, jnp.max(s, axis=-1))
