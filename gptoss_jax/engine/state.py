@@ -1,0 +1,149 @@
+"""The engine's device state, a plain pytree, and the jitted slot operations on it (state donated).
+
+    {"cache": the KV cache for `slots` rows of `max_context` positions (see `cache.py`),
+     "tokens": int32 [S] each slot's last token (the next one to feed), "positions": int32 [S] its
+     position, "active": bool [S] decoding, "count": int32 [S] tokens made so far, "budget": int32 [S],
+     "temperature", "top_p", "min_p": float32 [S], "top_k": int32 [S], "seed": uint32 [S, 2],
+     "stops": int32 [S, T] (-1: none), "forced": int32 [S, F], "forced_len": int32 [S],
+     "allowed": bool [S, vocab]}
+
+`begin` readies a slot for a request (keeping its cache below a position, for prefix reuse),
+`prefill` writes one chunk of a prompt into the slot's row and, on the last chunk, makes the first
+token, `decode` runs several decode steps over all slots with per-slot stop checks, `release`
+frees a slot. Inactive slots are fed at position -1, so their cache rows are never written.
+Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax import cache as kv_cache
+from gptoss_jax.axes import CACHE_AXES
+from gptoss_jax.config import Config
+from gptoss_jax.engine.sampling import request_key, sample_rows
+from gptoss_jax.generate import extend
+from gptoss_jax.model import Params, build
+
+State = dict[str, Any]
+SETTINGS = ("budget", "temperature", "top_k", "top_p", "min_p", "seed", "stops", "forced", "forced_len", "allowed")
+"""The per-slot rows `begin` writes (one request's settings)."""
+
+
+def init_state(config: Config, slots: int, max_context: int, dtype: Any, max_stops: int, max_forced: int) -> State:
+    """An empty state: every slot free, the cache empty (constrained to its sharding on a mesh)."""
+    zeros = functools.partial(jnp.zeros, (slots,))
+    return {"cache": kv_cache.constrain(kv_cache.init_cache(config, slots, max_context, dtype)),
+            "tokens": zeros(jnp.int32), "positions": jnp.full((slots,), -1, jnp.int32), "active": zeros(bool),
+            "count": zeros(jnp.int32), "budget": zeros(jnp.int32), "temperature": zeros(jnp.float32),
+            "top_k": zeros(jnp.int32), "top_p": jnp.ones((slots,), jnp.float32), "min_p": zeros(jnp.float32),
+            "seed": jnp.zeros((slots, 2), jnp.uint32), "stops": jnp.full((slots, max_stops), -1, jnp.int32),
+            "forced": jnp.zeros((slots, max_forced), jnp.int32), "forced_len": zeros(jnp.int32),
+            "allowed": jnp.ones((slots, config.vocab_size), bool)}
+
+
+def _rows(tree: Any, fn: Any) -> Any:
+    """Applies fn(leaf, batch axis) to every leaf of a cache."""
+    return {kind: {name: fn(leaf, CACHE_AXES[name].index("cache_batch")) for name, leaf in leaves.items()}
+            for kind, leaves in tree.items()}
+
+
+def begin(state: State, slot: jax.Array, keep: jax.Array, settings: dict[str, jax.Array]) -> State:
+    """The state with slot `slot` inactive, holding `settings` (rows of SETTINGS) and no cached
+    position >= keep in its row (both kinds): a request's prefill then starts at `keep`."""
+    state = dict(state)
+    for name in SETTINGS:
+        state[name] = state[name].at[slot].set(settings[name])
+    state["active"] = state["active"].at[slot].set(False)
+    state["count"] = state["count"].at[slot].set(0)
+
+    def clear(leaf: jax.Array, axis: int) -> jax.Array:
+        rows = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, axis)
+        return jnp.where((rows == slot) & (leaf >= keep), -1, leaf)
+
+    cache = {kind: {**leaves, "positions": clear(leaves["positions"], CACHE_AXES["positions"].index("cache_batch"))}
+             for kind, leaves in state["cache"].items()}
+    state["cache"] = kv_cache.constrain(cache)
+    return state
+
+
+def _next(state: State, logits: jax.Array) -> jax.Array:
+    """Each slot's next token int32 [S] from logits [S, vocab]: forced, or sampled (masked)."""
+    keys = jax.vmap(request_key)(state["seed"], state["count"])
+    drawn = sample_rows(logits, keys, state["temperature"], state["top_k"], state["top_p"], state["min_p"],
+                        state["allowed"])
+    index = jnp.clip(state["count"], 0, state["forced"].shape[1] - 1)[:, None]
+    forced = jnp.take_along_axis(state["forced"], index, axis=1)[:, 0]
+    return jnp.where(state["count"] < state["forced_len"], forced, drawn)
+
+
+def _after(state: State, made: jax.Array, emitted: jax.Array) -> State:
+    """The state after rows `emitted` bool [S] made tokens `made` [S]: counts, stop checks."""
+    state = dict(state)
+    count = state["count"] + emitted
+    stopped = jnp.any(made[:, None] == state["stops"], axis=1) | (count >= state["budget"])
+    state["count"] = count
+    state["tokens"] = jnp.where(emitted, made, state["tokens"])
+    state["active"] = jnp.where(emitted, ~stopped, state["active"])
+    return state
+
+
+def prefill(config: Config, params: Params, state: State, slot: jax.Array, tokens: jax.Array, start: jax.Array,
+            valid: jax.Array, last: jax.Array) -> tuple[State, jax.Array]:
+    """Writes tokens int32 [C] (the first `valid` at positions start, start + 1, ...) into slot
+    `slot`'s cache row. With `last` (the prompt's last token is in this chunk) also makes the
+    request's first token and starts decoding it. Returns the state and that token (int32 [])."""
+    chunk = tokens.shape[0]
+    offsets = jnp.arange(chunk, dtype=jnp.int32)
+    positions = jnp.where(offsets < valid, start + offsets, -1)[None]
+    row = _rows(state["cache"], lambda leaf, axis: jax.lax.dynamic_slice_in_dim(leaf, slot, 1, axis))
+    x, row = extend(config, params, row, tokens[None], positions)
+    cache = {kind: {name: jax.lax.dynamic_update_slice_in_dim(
+        state["cache"][kind][name], row[kind][name], slot, CACHE_AXES[name].index("cache_batch"))
+        for name in leaves} for kind, leaves in state["cache"].items()}
+    state = {**state, "cache": kv_cache.constrain(cache)}
+    hidden = jax.lax.dynamic_index_in_dim(x[0], jnp.maximum(valid - 1, 0), 0, keepdims=True)  # [1, d]
+    one = {name: jax.lax.dynamic_index_in_dim(value, slot, 0, keepdims=True)
+           for name, value in state.items() if name != "cache"}
+    first = _next(one, build(config, params).logits(hidden))
+    emitted = jnp.arange(state["tokens"].shape[0]) == slot
+    emitted &= last
+    after = _after(state, jnp.full_like(state["tokens"], first[0]), emitted)
+    after["positions"] = jnp.where(emitted, start + valid, state["positions"])
+    return after, first[0]
+
+
+def decode(config: Config, steps: int, params: Params, state: State) -> tuple[State, jax.Array]:
+    """Up to `steps` decode steps of every active slot, in one `while_loop` that ends early when no
+    slot is active. Returns the state and the tokens made int32 [S, steps] (-1: none)."""
+    slots = state["tokens"].shape[0]
+    model = build(config, params)
+
+    def running(carry: tuple) -> jax.Array:
+        step, state, _ = carry
+        return (step < steps) & jnp.any(state["active"])
+
+    def body(carry: tuple) -> tuple:
+        step, state, out = carry
+        active = state["active"]
+        feed = jnp.where(active, state["positions"], -1)
+        x, cache = extend(config, params, state["cache"], state["tokens"][:, None], feed[:, None])
+        state = {**state, "cache": cache}
+        made = _next(state, model.logits(x[:, 0]))
+        out = out.at[:, step].set(jnp.where(active, made, -1))
+        state = _after(state, made, active)
+        state["positions"] = state["positions"] + active
+        return step + 1, state, out
+
+    out = jnp.full((slots, steps), -1, jnp.int32)
+    _, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), state, out))
+    return state, out
+
+
+def release(state: State, slot: jax.Array) -> State:
+    """The state with slot `slot` no longer decoding (its cache row kept, for prefix reuse)."""
+    return {**state, "active": state["active"].at[slot].set(False)}
