@@ -37,13 +37,22 @@ SETTINGS = ("budget", "temperature", "top_k", "top_p", "min_p", "seed", "stops",
 def init_state(config: Config, slots: int, max_context: int, dtype: Any, max_stops: int, max_forced: int) -> State:
     """An empty state: every slot free, the cache empty (constrained to its sharding on a mesh)."""
     zeros = functools.partial(jnp.zeros, (slots,))
-    return {"cache": kv_cache.constrain(kv_cache.init_cache(config, slots, max_context, dtype)),
+    return pin({"cache": kv_cache.constrain(kv_cache.init_cache(config, slots, max_context, dtype)),
             "tokens": zeros(jnp.int32), "positions": jnp.full((slots,), -1, jnp.int32), "active": zeros(bool),
             "count": zeros(jnp.int32), "budget": zeros(jnp.int32), "temperature": zeros(jnp.float32),
             "top_k": zeros(jnp.int32), "top_p": jnp.ones((slots,), jnp.float32), "min_p": zeros(jnp.float32),
             "seed": jnp.zeros((slots, 2), jnp.uint32), "stops": jnp.full((slots, max_stops), -1, jnp.int32),
             "forced": jnp.zeros((slots, max_forced), jnp.int32), "forced_len": zeros(jnp.int32),
-            "allowed": jnp.ones((slots, config.vocab_size), bool)}
+            "allowed": jnp.ones((slots, config.vocab_size), bool)})
+
+
+def pin(state: State) -> State:
+    """The state with fixed shardings on a mesh (the cache as `CACHE_AXES` say, the rest replicated),
+    so that every operation gets the layout the previous one returned (no recompilation)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return state
+    rest = {name: jax.lax.with_sharding_constraint(value, jax.P()) for name, value in state.items() if name != "cache"}
+    return {**rest, "cache": kv_cache.constrain(state["cache"])}
 
 
 def _rows(tree: Any, fn: Any) -> Any:
@@ -67,8 +76,8 @@ def begin(state: State, slot: jax.Array, keep: jax.Array, settings: dict[str, ja
 
     cache = {kind: {**leaves, "positions": clear(leaves["positions"], CACHE_AXES["positions"].index("cache_batch"))}
              for kind, leaves in state["cache"].items()}
-    state["cache"] = kv_cache.constrain(cache)
-    return state
+    state["cache"] = cache
+    return pin(state)
 
 
 def _next(state: State, logits: jax.Array) -> jax.Array:
@@ -105,7 +114,7 @@ def prefill(config: Config, params: Params, state: State, slot: jax.Array, token
     cache = {kind: {name: jax.lax.dynamic_update_slice_in_dim(
         state["cache"][kind][name], row[kind][name], slot, CACHE_AXES[name].index("cache_batch"))
         for name in leaves} for kind, leaves in state["cache"].items()}
-    state = {**state, "cache": kv_cache.constrain(cache)}
+    state = {**state, "cache": cache}
     hidden = jax.lax.dynamic_index_in_dim(x[0], jnp.maximum(valid - 1, 0), 0, keepdims=True)  # [1, d]
     one = {name: jax.lax.dynamic_index_in_dim(value, slot, 0, keepdims=True)
            for name, value in state.items() if name != "cache"}
@@ -114,7 +123,7 @@ def prefill(config: Config, params: Params, state: State, slot: jax.Array, token
     emitted &= last
     after = _after(state, jnp.full_like(state["tokens"], first[0]), emitted)
     after["positions"] = jnp.where(emitted, start + valid, state["positions"])
-    return after, first[0]
+    return pin(after), first[0]
 
 
 def decode(config: Config, steps: int, params: Params, state: State) -> tuple[State, jax.Array]:
@@ -140,10 +149,10 @@ def decode(config: Config, steps: int, params: Params, state: State) -> tuple[St
         return step + 1, state, out
 
     out = jnp.full((slots, steps), -1, jnp.int32)
-    _, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), state, out))
-    return state, out
+    _, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), pin(state), out))
+    return pin(state), out
 
 
 def release(state: State, slot: jax.Array) -> State:
     """The state with slot `slot` no longer decoding (its cache row kept, for prefix reuse)."""
-    return {**state, "active": state["active"].at[slot].set(False)}
+    return pin({**state, "active": state["active"].at[slot].set(False)})
