@@ -43,6 +43,11 @@ from gptoss_jax.model import Params
 from gptoss_jax.ops.bits import as_bits, value_dtype
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on the host (on several processes: this process's copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 class _Request:
     """A validated request waiting for, or holding, a slot."""
 
@@ -95,6 +100,7 @@ class Engine:
             self._state = self._call("init")
         self._slots = [_Slot() for _ in range(slots)]
         self._queue: deque[_Request] = deque()
+        self._inbox: list[_Request] = []  # submitted since the last step
         self._cancels: list[str] = []
         self._live: dict[str, _Request] = {}  # queued or in a slot
         self._lock = threading.Lock()
@@ -150,7 +156,7 @@ class Engine:
                                       np.bool_(False))
             state, out = self._call("decode", self._params, state)
             state = self._call("release", state, np.int32(0))
-            np.asarray(first), np.asarray(out), np.asarray(state["active"])
+            _host(first), _host(out), _host(state["active"])
         self._state = state
         self._slots[0].cached = []
         self._warm_compilations = self.compilations()
@@ -169,7 +175,7 @@ class Engine:
                 self._counters["refused"] += 1
             raise
         with self._lock:
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(self._inbox) >= self.max_queue:
                 self._counters["refused"] += 1
                 raise Refused(f"the queue is full ({self.max_queue} requests waiting); retry later")
             if request.handle.request_id in self._live:
@@ -179,9 +185,9 @@ class Engine:
         return request.handle
 
     def _admit_locally(self, request: _Request) -> None:
-        """(lock held) Adds a validated request to the queue."""
+        """(lock held) Adds a validated request to the inbox (the next step queues it)."""
         self._live[request.handle.request_id] = request
-        self._queue.append(request)
+        self._inbox.append(request)
         self._counters["submitted"] += 1
         self._wake.notify_all()
 
@@ -228,21 +234,26 @@ class Engine:
 
     # ---- scheduling ---------------------------------------------------------------------------------
 
-    def _take_events(self) -> tuple[list[str]]:
-        """(lock held) This step's cancellations (the queue is read in place)."""
+    def _take_events(self) -> tuple[list[_Request], list[str]] | None:
+        """(lock held) This step's new requests and cancellations, or None when there is nothing to do."""
+        if not self._has_work():
+            return None
+        arrivals, self._inbox = self._inbox, []
         cancels, self._cancels = self._cancels, []
-        return (cancels,)
+        return arrivals, cancels
 
     def _has_work(self) -> bool:
-        return bool(self._queue or self._cancels or any(slot.phase != "free" for slot in self._slots))
+        return bool(self._inbox or self._queue or self._cancels or any(s.phase != "free" for s in self._slots))
 
     def step(self) -> bool:
         """One scheduling step: cancellations, admissions, a prefill chunk, a decode dispatch.
         Returns False (having done nothing) when there is nothing to do."""
         with self._lock:
-            if not self._has_work():
+            events = self._take_events()
+            if events is None:
                 return False
-            (cancels,) = self._take_events()
+            arrivals, cancels = events
+            self._queue.extend(arrivals)
         with self._in_mesh():
             for request_id in cancels:
                 self._cancel_now(request_id)
@@ -333,12 +344,12 @@ class Engine:
 
     def _deliver(self, firsts: dict[int, jax.Array], out: jax.Array | None) -> None:
         """Hands each decoding request its new tokens; finishes and frees those the device stopped."""
-        tokens = np.asarray(out) if out is not None else None
-        active = np.asarray(self._state["active"])
+        tokens = _host(out) if out is not None else None
+        active = _host(self._state["active"])
         for slot, info in enumerate(self._slots):
             if info.phase != "decode":
                 continue
-            new = [int(firsts[slot])] if slot in firsts else []
+            new = [int(_host(firsts[slot]))] if slot in firsts else []
             if tokens is not None:
                 new += [int(t) for t in tokens[slot] if t >= 0]
             request = info.request
@@ -397,6 +408,7 @@ class Engine:
         with self._lock:
             requests = list(self._live.values())
             self._queue.clear()
+            self._inbox.clear()
             for request in requests:
                 request.handle.error = error
                 self._finish(request, "error")
@@ -420,7 +432,7 @@ class Engine:
         with self._lock:
             compiled = self.compilations()
             return {"slots": self.slots, "slots_in_use": sum(s.phase != "free" for s in self._slots),
-                    "queue_length": len(self._queue), "cache_bytes": kv_cache.used_bytes(self._state["cache"]),
+                    "queue_length": len(self._queue) + len(self._inbox), "cache_bytes": kv_cache.used_bytes(self._state["cache"]),
                     **self._counters, "compilations": compiled,
                     "compilations_after_warmup": None if self._warm_compilations is None
                     else compiled - self._warm_compilations, "ready": self.ready, "time": time.time()}
