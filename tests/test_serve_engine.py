@@ -177,3 +177,36 @@ def test_an_over_long_prompt_is_a_400_and_the_server_keeps_serving(live):
     assert err.value.body["code"] == "context_length_exceeded"
     ok = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
     assert ok.usage.completion_tokens <= 2 and ok.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_the_serve_command_compiles_in_the_background_then_serves(live, tmp_path, monkeypatch, capsys):
+    from gptoss_jax import cli
+    from gptoss_jax.config import from_hf_dict
+    from gptoss_jax.serve.server import BackgroundServer
+
+    assert cli.main(["serve", "random:no-such-config"]) == 2
+    assert cli.main(["serve", "random:tiny-a", "--slots", "0"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and errors[1] == "gptoss-jax serve: error: --slots must be >= 1, got 0; fix: pass --slots 1 or more"
+    config_path = tmp_path / "tiny-harmony.json"
+    config_path.write_text(json.dumps(TINY_HARMONY))
+    params = random_params(from_hf_dict(TINY_HARMONY, MODEL))
+    monkeypatch.setattr(cli, "_load", lambda args: (cli._model_config(args), params))  # the fixture's weights
+    seen = {}
+
+    def serve(app, host, port):  # instead of uvicorn in the foreground: a background server, one request
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.base_url, timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while (health := http.get("/health")).status_code != 200:
+                assert health.status_code == 503 and time.monotonic() < deadline
+                time.sleep(0.1)
+            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+            seen["models"] = [m.id for m in client.models.list().data]
+            seen["reply"] = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+
+    monkeypatch.setattr("gptoss_jax.serve.server.serve", serve)
+    argv = ["serve", f"random:{config_path}", "--slots", "4", "--max-context", str(MAX_CONTEXT), "--prefill-chunk",
+            "128", "--steps-per-dispatch", "2", "--model-name", "tiny", "--port", "1"]  # the live fixture's programs
+    assert cli.main(argv) == 0
+    assert seen["models"] == ["tiny"] and seen["reply"].usage.completion_tokens == 2
+    assert "ready after" in capsys.readouterr().err
