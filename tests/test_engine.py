@@ -40,9 +40,11 @@ def engine(tiny):
     `generate` on one device (the single-device engine: tests/test_engine_multihost.py)."""
     from gptoss_jax.sharding import make_mesh
 
-    config, _ = tiny
+    from gptoss_jax.ops.parallel import param_shardings
+
+    config, params = tiny
     mesh = make_mesh("expert=2,tensor=2", devices=jax.devices()[:4])
-    params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)  # the fixture's values, in shards
+    params = jax.device_put(params, param_shardings(config, mesh))  # no compilation (init_params(mesh=): 6 s)
     with jax.set_mesh(mesh):
         engine = Engine(config, params, slots=4, max_context=128, prefill_chunk=16, steps_per_dispatch=4,
                         max_queue=6, max_stop_tokens=4, max_forced_tokens=8)
