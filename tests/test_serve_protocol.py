@@ -304,6 +304,7 @@ class ScriptedEngine:
         self.submitted: list[tuple[list[int], RequestSettings, str]] = []
         self.cancelled: set[str] = set()
         self.refuse: str | None = None
+        self.fail = False  # end every request with "error" after its first chunk, as a dying engine does
         self._running = 0
 
     def submit(self, prompt, settings, request_id=None):
@@ -325,6 +326,9 @@ class ScriptedEngine:
                 self._running -= 1
                 return handle._push([], "cancelled")
             handle._push(tokens[i:i + self.chunk])
+            if self.fail:
+                self._running -= 1
+                return handle._push([], "error")
             time.sleep(self.delay_s)
         self._running -= 1
         handle._push([], "stop" if tokens and tokens[-1] in settings.stop_tokens else "length")
@@ -528,3 +532,33 @@ def test_responses_stream_helper_reaches_the_final_response_and_events_nest(scri
     assert_nested(frames[2:-1])
     completed = frames[-1]["response"]
     assert {completed["id"], completed["object"], completed["model"]} == {completed["id"], "response", "gpt-oss-test"}
+
+
+def test_an_engine_failure_mid_request_is_an_error_the_client_sees(scripted):
+    engine, client, base = scripted
+    engine.script, engine.fail = generated(FINAL), True
+    args = dict(model="gpt-oss-test", messages=[{"role": "user", "content": "?"}])
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(**args)
+        assert err.value.body["code"] == "engine_error"
+        with pytest.raises(openai.APIError, match="engine failed"):  # a streamed chunk with an "error" key
+            list(client.chat.completions.create(**args, stream=True))
+        with client.responses.stream(model="gpt-oss-test", input="?") as stream:
+            events = list(stream)
+        assert events[-1].type == "response.failed" and events[-1].response.error.code == "engine_error"
+        assert events[-1].response.status == "failed" and events[-1].response.id == events[0].response.id
+    finally:
+        engine.fail = False
+    assert client.chat.completions.create(**args).choices[0].message.content == FINAL.content  # still serving
+
+
+def test_without_parallel_tool_calls_only_the_first_call_is_returned():
+    second = prompting.call_message("get_time", "{}")
+    tokens = generated(CALL)[:-1] + [tok.END] + harmony.render_message(second, ENC)  # two calls in one completion
+    parts = completion_parts(ENC, tokens).parts
+    assert [c["function"]["name"] for c in chat.message(parts)["tool_calls"]] == ["get_weather", "get_time"]
+    assert [c["function"]["name"] for c in chat.message(parts, parallel_tool_calls=False)["tool_calls"]] == [
+        "get_weather"]
+    output = responses.Output(parallel_tool_calls=False)
+    assert [i["name"] for i in output.items(parts, incomplete=False)] == ["get_weather"]
