@@ -446,7 +446,11 @@ def test_bad_requests_get_400_in_openai_shape_and_unknown_fields_are_ignored(scr
 
 def test_health_follows_the_engine_and_metrics_count_requests(scripted):
     engine, client, base = scripted
+    engine.script = generated(FINAL)
     with httpx.Client(base_url=base, timeout=20) as http:
+        assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).is_success
+        assert http.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+        assert http.post("/v1/responses", json={"model": "nope", "input": "x"}).status_code == 404
         assert http.get("/health").status_code == 200
         engine.ready = False
         try:
@@ -461,7 +465,8 @@ def test_health_follows_the_engine_and_metrics_count_requests(scripted):
         finally:
             engine.error = None
         text = http.get("/metrics").text
-    for name in ('gptoss_requests_total{endpoint="chat",outcome="stop"}', "gptoss_time_to_first_token_seconds_bucket",
+    for name in ('gptoss_requests_total{endpoint="chat",outcome="stop"}', 'endpoint="chat",outcome="http_400"',
+                 'endpoint="chat",outcome="http_503"', 'endpoint="responses",outcome="http_404"', "gptoss_time_to_first_token_seconds_bucket",
                  "gptoss_time_per_output_token_seconds_count", "gptoss_prompt_tokens_total",
                  "gptoss_generated_tokens_total", "gptoss_queue_length 0.0", "gptoss_cache_bytes 1234.0",
                  "gptoss_slots_in_use"):

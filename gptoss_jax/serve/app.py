@@ -27,9 +27,15 @@ def create_app(engine: EngineLike, *, model_id: str, max_context: int, encoding:
                store_capacity: int = 1024) -> FastAPI:
     """An OpenAI-compatible app serving ``model_id`` from ``engine`` (started, and warmed up or warming)."""
     app = FastAPI(title="gptoss-jax", docs_url=None, redoc_url=None)
-    errors.install(app)
-    encoding = encoding or tok.get_encoding()
     metrics = Metrics(engine.stats)
+    endpoints = {"/v1/chat/completions": "chat", "/v1/responses": "responses"}
+
+    def count_error(request: Request, status: int) -> None:
+        if request.url.path in endpoints:
+            metrics.outcome(endpoints[request.url.path], f"http_{status}")
+
+    errors.install(app, count_error)
+    encoding = encoding or tok.get_encoding()
     store = responses.ResponseStore(store_capacity)
     created = int(time.time())
     app.state.engine, app.state.metrics, app.state.store = engine, metrics, store

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,26 +80,29 @@ def _validation_error(err: RequestValidationError) -> APIError:
     return bad_request(f"invalid '{param}': {message}" if param else message, param)
 
 
-def install(app: FastAPI) -> None:
-    """Every error the app returns, including FastAPI's own, in OpenAI's shape."""
+def install(app: FastAPI, count: Callable[[Request, int], None] = lambda request, status: None) -> None:
+    """Every error the app returns, including FastAPI's own, in OpenAI's shape; ``count`` sees each."""
+
+    def reply(request: Request, api: APIError) -> JSONResponse:
+        count(request, api.status)
+        return JSONResponse(api.body(), status_code=api.status, headers=api.headers)
 
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return reply(request, err)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        api = _validation_error(err)
-        return JSONResponse(api.body(), status_code=api.status)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return reply(request, _validation_error(err))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        api = APIError(err.status_code, str(err.detail), type=kind, code="not_found" if err.status_code == 404 else None)
-        return JSONResponse(api.body(), status_code=err.status_code, headers=getattr(err, "headers", None))
+        return reply(request, APIError(err.status_code, str(err.detail), type=kind, headers=getattr(err, "headers", None),
+                                       code="not_found" if err.status_code == 404 else None))
 
     @app.exception_handler(Exception)
-    async def _crash(_request: Request, err: Exception) -> JSONResponse:
+    async def _crash(request: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        api = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error", code="internal_error")
-        return JSONResponse(api.body(), status_code=500)
+        return reply(request, APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error",
+                                       code="internal_error"))

@@ -245,6 +245,10 @@ class Output:
             return None
         return list(self._ids).index(part_index)
 
+    def call_id(self, part_index: int) -> str | None:
+        """The ``call_id`` given to a tool-call part."""
+        return self._ids[part_index][1]
+
     def item(self, part_index: int, part: Part, status: str | None = None) -> dict[str, Any]:
         """The output item of a part, ``in_progress`` until it is done."""
         item_id, call_id = self._ids[part_index]
@@ -307,7 +311,7 @@ def stored_history(prepared: Prepared, parts: list[Part], output: Output) -> tup
         if part.kind == "reasoning":
             history.append(harmony.Message("assistant", part.text, channel="analysis"))
         elif part.kind == "tool_call":
-            names[output._ids[i][1] or ""] = part.name or ""
+            names[output.call_id(i) or ""] = part.name or ""
             history.append(prompting.call_message(part.name or "", part.text))
         else:
             history.append(harmony.Message("assistant", part.text, channel=part.channel or "final"))

@@ -76,8 +76,8 @@ class Job:
         check_available(self.engine)
         try:
             self.handle = self.engine.submit(self.prompt, RequestSettings(**self.settings), request_id=self.request_id)
-        except Refused as err:
-            self.timing.finish("refused")
+        except Refused as err:  # counted by the error handler, as every refused request is
+            self.timing.reported = True
             raise refused(err, self.max_param) from err
 
     async def events(self) -> AsyncIterator[list[Event]]:
