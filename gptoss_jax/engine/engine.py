@@ -262,11 +262,12 @@ class Engine:
             for slot, request in admitted:
                 self._begin(slot, request)
             firsts = self._prefill_chunk()
-            out = None
+            if firsts:  # handed back now, not after the dispatch (time to first token)
+                self._deliver(firsts, None)
             if any(slot.phase == "decode" for slot in self._slots):
                 self._state, out = self._call("decode", self._params, self._state)
                 self._counters["dispatches"] += 1
-            self._deliver(firsts, out)
+                self._deliver({}, out)
         self._counters["steps"] += 1
         return True
 
@@ -343,11 +344,12 @@ class Engine:
         return {slot: first}
 
     def _deliver(self, firsts: dict[int, jax.Array], out: jax.Array | None) -> None:
-        """Hands each decoding request its new tokens; finishes and frees those the device stopped."""
+        """Hands the requests their first tokens (`firsts`) or a dispatch's tokens (`out` [S, steps]);
+        finishes and frees those the device stopped."""
         tokens = _host(out) if out is not None else None
         active = _host(self._state["active"])
         for slot, info in enumerate(self._slots):
-            if info.phase != "decode":
+            if info.phase != "decode" or (tokens is None and slot not in firsts):
                 continue
             new = [int(_host(firsts[slot]))] if slot in firsts else []
             if tokens is not None:
