@@ -11,6 +11,7 @@ import tiktoken
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.serve import chat, errors, responses
@@ -83,7 +84,8 @@ def create_app(engine: EngineLike, *, model_id: str, max_context: int, encoding:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             writer = chat.ChunkWriter(completion_id, model, now, prepared.parallel_tool_calls, include_usage)
-            return EventSourceResponse(_chat_stream(job, writer), sep="\n", ping=15)
+            return EventSourceResponse(_chat_stream(job, writer), sep="\n", ping=15,
+                                       background=BackgroundTask(job.cancel_unless_finished))
         async with cancel_on_disconnect(request, job):
             await job.run()
         reason = job.finish_reason()
@@ -118,7 +120,8 @@ def create_app(engine: EngineLike, *, model_id: str, max_context: int, encoding:
             return response
 
         if body.stream:
-            return EventSourceResponse(_responses_stream(job, output, final, finished), sep="\n", ping=15)
+            return EventSourceResponse(_responses_stream(job, output, final, finished), sep="\n", ping=15,
+                                       background=BackgroundTask(job.cancel_unless_finished))
         async with cancel_on_disconnect(request, job):
             await job.run()
         return finished()

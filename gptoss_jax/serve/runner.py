@@ -102,6 +102,11 @@ class Job:
             if not complete:
                 self.timing.finish("cancelled", self.prompt_tokens, self.cached_tokens)
 
+    def cancel_unless_finished(self) -> None:
+        """Cancels the engine request if it is still running (a stream whose client left before it began)."""
+        if self.handle is not None and self.handle.finish_reason is None:
+            self.engine.cancel(self.request_id)
+
     async def run(self) -> None:
         """Reads the whole completion."""
         async for _ in self.events():
