@@ -75,10 +75,10 @@ def _wait_idle(engine, timeout_s: float = 20.0) -> dict:
 def test_named_tool_choice_forces_the_call_and_the_budget_gives_length(live):
     engine, client, _ = live
     assert [m.id for m in client.models.list().data] == [MODEL]
-    chat = dict(model=MODEL, messages=USER, tools=[WEATHER], max_completion_tokens=14, temperature=0,
+    chat = dict(model=MODEL, messages=USER, tools=[WEATHER], max_completion_tokens=13, temperature=0,
                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
     responses = dict(model=MODEL, input="Weather?", tools=[{"type": "function", **WEATHER["function"]}],
-                     tool_choice="required", max_output_tokens=14, temperature=0)
+                     tool_choice="required", max_output_tokens=13, temperature=0)
     with ThreadPoolExecutor(2) as pool:  # together: they share the engine's steps
         reply = pool.submit(client.chat.completions.create, **chat)
         forced = pool.submit(client.responses.create, **responses)
@@ -86,8 +86,8 @@ def test_named_tool_choice_forces_the_call_and_the_budget_gives_length(live):
     choice = reply.choices[0]
     assert choice.message.tool_calls[0].function.name == "get_weather" and choice.message.tool_calls[0].id
     assert choice.finish_reason in ("length", "tool_calls")  # a random model hardly ever closes the call
-    assert reply.usage.completion_tokens == 14 or choice.finish_reason == "tool_calls"
-    assert reply.usage.prompt_tokens > 50 and reply.usage.total_tokens == reply.usage.prompt_tokens + 14
+    assert reply.usage.completion_tokens == 13 or choice.finish_reason == "tool_calls"
+    assert reply.usage.prompt_tokens > 50 and reply.usage.total_tokens == reply.usage.prompt_tokens + 13
     assert forced.output[0].type == "function_call" and forced.output[0].name == "get_weather"
     assert forced.status == "incomplete" and forced.incomplete_details.reason == "max_output_tokens"
 
