@@ -76,6 +76,12 @@ def test_parser_turns_malformed_output_into_content_and_never_raises():
             tokens[i] = int(rng.choice(specials))
         stream = completion_parts(ENC, tokens)
         assert all(p.done for p in stream.parts) and stream.finished
+        one_by_one = HarmonyStream(ENC)
+        texts: dict[int, str] = {}
+        for event in [e for token in tokens for e in one_by_one.feed([token])] + one_by_one.close():
+            if event.type == "delta":  # streamed, the deltas add up to the same parts
+                texts[event.index] = texts.get(event.index, "") + event.text
+        assert one_by_one.parts == stream.parts and texts == {i: p.text for i, p in enumerate(stream.parts) if p.text}
     # text before any message, a header running on, a header that does not parse, a header cut off
     cases = {
         "outside": (generated(FINAL) + ENC.encode_ordinary("stray"), ["It rains in Paris.", "stray"]),
