@@ -369,7 +369,9 @@ def test_chat_returns_reasoning_content_and_usage(scripted):
     settings = engine.submitted[-1][1]
     assert (settings.temperature, settings.seed, settings.top_p, settings.top_k, settings.max_tokens) == (0.5, 3, 0.9,
                                                                                                            4, 500)
-    assert client.models.list().data[0].id == "gpt-oss-test"
+    assert client.models.list().data[0].id == "gpt-oss-test" and client.models.retrieve("gpt-oss-test").object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_chat_streams_a_tool_call_with_usage_last(scripted):
@@ -519,6 +521,9 @@ def test_responses_tool_loop_through_the_store(scripted):
     assert client.responses.retrieve(second.id).output_text == FINAL.content
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_nothing")
+    unstored = client.responses.create(model="gpt-oss-test", input="?", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
     engine.script = generated(harmony.Message("assistant", "a long answer " * 20, channel="final"))
     cut = client.responses.create(model="gpt-oss-test", input="?", max_output_tokens=8)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
