@@ -33,8 +33,8 @@ LORA_AXES: dict[str, dict[str, Axes]] = {
 """Logical axes of one layer's per-expert LoRA factors (`a` [e, in, r], `b` [e, r, out])."""
 
 CACHE_AXES: dict[str, Axes] = {
-    "k": (LAYERS, "cache_batch", "cache_slots", "cache_kv_heads", "head_dim"),
-    "v": (LAYERS, "cache_batch", "cache_slots", "cache_kv_heads", "head_dim"),
+    "k": (LAYERS, "cache_batch", "cache_kv_heads", "cache_slots", "head_dim"),
+    "v": (LAYERS, "cache_batch", "cache_kv_heads", "cache_slots", "head_dim"),
     "positions": ("cache_batch", "cache_slots"),
 }
 """Logical axes of each leaf of one kind's KV cache (see `cache.py`)."""

@@ -1,7 +1,12 @@
 """The KV cache: an explicit pytree, passed into and returned from every jitted step.
 
-    {"sliding": {"k", "v": [pairs, b, window, kv_heads, head_dim], "positions": int32 [b, window]},
-     "full":    {"k", "v": [pairs, b, max_len, kv_heads, head_dim], "positions": int32 [b, max_len]}}
+    {"sliding": {"k", "v": [pairs, b, kv_heads, window, head_dim], "positions": int32 [b, window]},
+     "full":    {"k", "v": [pairs, b, kv_heads, max_len, head_dim], "positions": int32 [b, max_len]}}
+
+K and V are KV-head-major: attention reads a block of slots of one row as a contiguous
+[kv_heads, block, head_dim] slab, as its products want it. Token-major [.., slots, kv_heads, ..]
+made XLA:CPU transpose every block it read: a batch-1 decode step at 32k tokens, one full layer of
+the bench config, 16 ms; kv-major 8.4 ms.
 
 On CPU a bfloat16 cache travels through the jitted steps as its raw bits (uint16; see
 `gptoss_jax.ops.bits`): `generate` passes it so; `bits.read` gives the values.
@@ -46,7 +51,7 @@ def init_cache(config: Config, batch: int, max_len: int, dtype: Any = jnp.bfloat
     """An empty cache for `batch` sequences of up to `max_len` tokens."""
     def kind_cache(kind: str) -> dict[str, jax.Array]:
         slots = cache_length(config, kind, max_len)
-        shape = (config.num_layer_pairs, batch, slots, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layer_pairs, batch, config.num_kv_heads, slots, config.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "positions": jnp.full((batch, slots), -1, jnp.int32)}
 
@@ -91,10 +96,11 @@ def scatter(buffer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array
 
 
 def scatter_layer(buffer: jax.Array, layer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """Stacked buffer [layers, b, s, ...] with values [b, t, ...] written at [layer, row, slots[row]]
+    """Stacked K or V [layers, b, k, s, h] with values [b, k, t, h] written at [layer, row, :, slots[row]]
     (out-of-range slots: dropped), in place when the buffer is donated or carried by a loop."""
     rows = jnp.arange(buffer.shape[1])[:, None]
-    return buffer.at[layer, rows, slots].set(bits.stored(values, buffer), mode="drop")
+    # indices around a slice: the indexed axes come first, so the update is [b, t, k, h]
+    return buffer.at[layer, rows, :, slots].set(bits.stored(values.swapaxes(1, 2), buffer), mode="drop")
 
 
 def used_bytes(cache: Cache) -> int:

@@ -85,7 +85,7 @@ class Attention(nnx.Module):
                  segments: jax.Array | None = None, layer: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x [b, t, d], positions [b, t] (negative: padding), rope (cos, sin) [b, t, h/2] -> [b, t, d].
 
-        With a cache: `kv` holds every layer's cached {"k", "v"} of this kind [pairs, b, s, kv_heads, h],
+        With a cache: `kv` holds every layer's cached {"k", "v"} of this kind [pairs, b, kv_heads, s, h],
         `layer` says which is this one's and `view` where the new tokens go (`CacheView`); they are
         written in place, then attend to the cached ones and to each other (no copy of the cache),
         and the updated `kv` is returned.
@@ -98,7 +98,7 @@ class Attention(nnx.Module):
         k = matmul.project("btd,dkh->btkh", x, self.k.get_value(), self.k_bias.get_value())
         v = matmul.project("btd,dkh->btkh", x, self.v.get_value(), self.v_bias.get_value())
         q, k = attention.apply_rope(q, *rope).astype(dtype), attention.apply_rope(k, *rope).astype(dtype)
-        v = v.astype(dtype)
+        k, v = k.swapaxes(1, 2), v.astype(dtype).swapaxes(1, 2)  # [b, kv_heads, t, h], as attention reads them
         sinks = self.sinks.get_value()
         if kv is None:
             out = attention.attend(q, k, v, sinks, positions, positions, window, segments, segments, in_order=True)
@@ -109,8 +109,8 @@ class Attention(nnx.Module):
                 out = attention.attend(q, new_kv["k"], new_kv["v"], sinks, positions, new_positions, window,
                                        layer=layer)
             else:  # a chunk into a ring may overwrite slots its own first tokens still need: ring + chunk
-                keys = jnp.concatenate([bits.read(kv["k"], layer).astype(dtype), k], axis=1)
-                values = jnp.concatenate([bits.read(kv["v"], layer).astype(dtype), v], axis=1)
+                keys = jnp.concatenate([bits.read(kv["k"], layer).astype(dtype), k], axis=2)
+                values = jnp.concatenate([bits.read(kv["v"], layer).astype(dtype), v], axis=2)
                 key_positions = jnp.concatenate([old_positions, positions], axis=1)
                 out = attention.attend(q, keys, values, sinks, positions, key_positions, window)
             kv = new_kv

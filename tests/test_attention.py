@@ -28,8 +28,8 @@ def _compare(q_positions, k_positions, window, *, heads=(8, 2), head_dim=16, seg
     n, kv = heads
     keys = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(keys[0], (b, t, n, head_dim))
-    k = jax.random.normal(keys[1], (b, s, kv, head_dim))
-    v = jax.random.normal(keys[2], (b, s, kv, head_dim))
+    k = jax.random.normal(keys[1], (b, kv, s, head_dim))  # KV-head-major, as the cache
+    v = jax.random.normal(keys[2], (b, kv, s, head_dim))
     sinks = jax.random.normal(keys[3], (n,))
     # Padding queries' outputs are not used; their cotangent is zero, as the model's loss gives them.
     cotangent = jax.random.normal(keys[4], (b, t, n, head_dim)) * (q_positions >= 0)[..., None, None]
@@ -105,8 +105,8 @@ def test_a_sliding_query_sees_exactly_window_keys():
     sees: 128 for every query past the first 128, position + 1 before. Dense at 127 and 129 differ."""
     t = 400
     positions = jnp.asarray(_rows(t, 1))
-    q, k = jnp.zeros((1, t, 8, 16)), jax.random.normal(jax.random.key(0), (1, t, 2, 16))
-    v, sinks = jnp.ones((1, t, 2, 16)), jnp.zeros((8,))
+    q, k = jnp.zeros((1, t, 8, 16)), jax.random.normal(jax.random.key(0), (1, 2, t, 16))
+    v, sinks = jnp.ones((1, 2, t, 16)), jnp.zeros((8,))
     out = jax.jit(lambda: attention.attend(q, k, v, sinks, positions, positions, 128))()
     seen = np.asarray(out[0, :, 0, 0] / (1 - out[0, :, 0, 0]))
     np.testing.assert_allclose(seen, np.minimum(np.arange(t) + 1, 128), rtol=1e-4)
@@ -119,7 +119,8 @@ def test_a_sliding_query_sees_exactly_window_keys():
 def test_fully_hidden_queries_give_zero_not_nan():
     positions = np.full((1, 64), -1, np.int32)
     q = jax.random.normal(jax.random.key(0), (1, 64, 4, 8))
-    out = attention.attend(q, q[:, :, :2], q[:, :, :2], jnp.zeros(4), positions, positions, None)
+    kv = q[:, :, :2].swapaxes(1, 2)
+    out = attention.attend(q, kv, kv, jnp.zeros(4), positions, positions, None)
     np.testing.assert_array_equal(np.asarray(out), 0)
 
 

@@ -38,7 +38,7 @@ def test_cached_decode_equals_full_forward_at_every_step(golden):
     b, t = tokens.shape
     assert t >= 3 * config.sliding_window
     cache = kv_cache.init_cache(config, b, t, jnp.float32)
-    assert cache["sliding"]["k"].shape[2] == config.sliding_window  # ring buffer, not t
+    assert cache["sliding"]["k"].shape[3] == config.sliding_window  # ring buffer, not t
     positions = np.arange(t, dtype=np.int32)[None].repeat(b, 0)
     prompt = 7
     for start in range(0, prompt, 3):  # prefill chunks of 3 (the last one partly padding)
@@ -230,7 +230,7 @@ def _assert_cache_sharded(cache, mesh, expected, what):
 def _cache_gather_shapes(cache: kv_cache.Cache) -> dict[tuple[int, ...], str]:
     """{dims: leaf} of every array an all-gather of a cache leaf (sharded) can produce: each dim from
     its shard's size up to the full one, the shard itself excluded; k and v also as one layer's
-    slice [(1,) b, slots, kv_heads, head_dim] (inside the scan over layer pairs)."""
+    slice [(1,) b, kv_heads, slots, head_dim] (inside the scan over layer pairs)."""
     found = {}
     for kind, leaves in cache.items():
         for name, leaf in leaves.items():
@@ -270,12 +270,12 @@ def test_cache_all_gather_check_sees_both_kinds():
                                                is_leaf=lambda x: isinstance(x, jax.P)))
     shapes = _cache_gather_shapes(cache)
     window = config.sliding_window
-    assert shapes[(2, 2, window, 2, 6)] == "sliding/k|v" and shapes[(1, 2, window, 2, 6)] == "sliding/k|v (one layer)"
-    assert shapes[(2, window)] == "sliding/positions" and shapes[(2, 2, 64, 1, 6)] == "full/k|v"
-    assert (2, 1, window, 1, 6) not in shapes and (1, 64) not in shapes  # the shards themselves
-    hlo = f"%a = f32[2,{window},2,6]{{3,2,1,0}} all-gather(f32[1,{window},1,6] %x)\n" \
+    assert shapes[(2, 2, 2, window, 6)] == "sliding/k|v" and shapes[(1, 2, 2, window, 6)] == "sliding/k|v (one layer)"
+    assert shapes[(2, window)] == "sliding/positions" and shapes[(2, 2, 2, 64, 6)] == "full/k|v"
+    assert (2, 1, 1, window, 6) not in shapes and (1, 64) not in shapes  # the shards themselves
+    hlo = f"%a = f32[2,2,{window},6]{{3,2,1,0}} all-gather(f32[1,1,{window},6] %x)\n" \
           f"%b = (f32[8,{window}]{{1,0}}, s32[3]{{0}}) all-gather(%y, %z)\n%c = f32[2,6]{{1,0}} all-gather(%w)"
-    assert _cache_all_gathers(hlo, cache) == [f"[2, {window}, 2, 6] (sliding/k|v (one layer))",
+    assert _cache_all_gathers(hlo, cache) == [f"[2, 2, {window}, 6] (sliding/k|v (one layer))",
                                               f"[8, {window}] (sliding slots)"]
 
 
@@ -291,7 +291,7 @@ def test_cache_is_sharded_on_a_mesh(spec, devices):
     expected_tokens = generate(config, gptoss_jax.init_params(config, 0, jnp.float32), prompts, new, stop_tokens=[])
     mesh = make_mesh(spec, devices=jax.devices()[:devices])
     params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
-    layout = {"k": jax.P(None, "data", None, "tensor", None), "v": jax.P(None, "data", None, "tensor", None),
+    layout = {"k": jax.P(None, "data", "tensor", None, None), "v": jax.P(None, "data", "tensor", None, None),
               "positions": jax.P("data", None)}
     sampling, key = Sampling(), jax.random.key(0)
     with jax.set_mesh(mesh):

@@ -144,9 +144,9 @@ def test_cache_specs_follow_the_rules():
     config = gptoss_jax.load_config("gpt-oss-120b")  # 8 KV heads; shapes only, nothing allocated
     data_expert, fsdp_expert = ("data", "expert"), ("fsdp", "expert")
     for batch, mesh, want_kv, want_positions in [
-        (2, "data=2,expert=2,tensor=2", jax.P(None, "data", None, "tensor", None), jax.P("data", None)),
-        (8, "data=2,expert=2,tensor=2", jax.P(None, data_expert, None, "tensor", None), jax.P(data_expert, None)),
-        (1, "data=2,tensor=8", jax.P(None, None, None, "tensor", None), jax.P(None, None)),
+        (2, "data=2,expert=2,tensor=2", jax.P(None, "data", "tensor", None, None), jax.P("data", None)),
+        (8, "data=2,expert=2,tensor=2", jax.P(None, data_expert, "tensor", None, None), jax.P(data_expert, None)),
+        (1, "data=2,tensor=8", jax.P(None, None, "tensor", None, None), jax.P(None, None)),
         (4, "data=2,tensor=16", jax.P(None, "data", None, None, None), jax.P("data", None)),  # KV heads replicated
         (8, "fsdp=2,expert=4", jax.P(None, fsdp_expert, None, None, None), jax.P(fsdp_expert, None)),
         (4, "fsdp=2,expert=4", jax.P(None, "fsdp", None, None, None), jax.P("fsdp", None)),  # 4 % 8: a prefix

@@ -17,7 +17,7 @@ TOLERANCE = 1e-5  # relative to the oracle's largest magnitude; measured ~1e-6 (
 def _inputs(seed: int, b: int, t: int, n: int, kv: int, h: int = 64):
     r = np.random.default_rng(seed)
     normal = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    return (normal(b, t, n, h), normal(b, t, kv, h), normal(b, t, kv, h), normal(n)), normal(b, t, n, h)
+    return (normal(b, t, n, h), normal(b, kv, t, h), normal(b, kv, t, h), normal(n)), normal(b, t, n, h)
 
 
 def _values_and_grads(fn, args, cotangent):
@@ -75,8 +75,8 @@ def test_lowers_to_the_tpu_pallas_kernel():
     Pallas TPU custom call (forward: one; gradient: forward, dq and dkv kernels)."""
     b, t, n, kv, h = 2, 256, 8, 2, 64
     spec = jax.ShapeDtypeStruct
-    shapes = (spec((b, t, n, h), jnp.bfloat16), spec((b, t, kv, h), jnp.bfloat16),
-              spec((b, t, kv, h), jnp.bfloat16), spec((n,), jnp.float32), spec((b, t), jnp.int32),
+    shapes = (spec((b, t, n, h), jnp.bfloat16), spec((b, kv, t, h), jnp.bfloat16),
+              spec((b, kv, t, h), jnp.bfloat16), spec((n,), jnp.float32), spec((b, t), jnp.int32),
               spec((b, t), jnp.int32))
 
     def forward(q, k, v, sinks, positions, segments):

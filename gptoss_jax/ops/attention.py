@@ -81,7 +81,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positio
     `in_order`: the keys are the queries, and valid positions advance by one along each row within
     each segment (forward without a cache, training rows; padding anywhere), so a kernel may mask
     by index: TPU then uses splash on one device. `layer`: k and v are a KV cache's every layer
-    [layers, b, s, k, h] (possibly bfloat16 bits), read at `layer` in place."""
+    [layers, b, k, s, h] (possibly bfloat16 bits), read at `layer` in place."""
     def by_blocks() -> jax.Array:
         block = 128 if window is not None else 512  # a sliding query block then visits at most 2 key blocks
         return blockwise.attend(q, k, v, sinks, q_positions, k_positions, window, q_segments, k_segments,
@@ -97,20 +97,21 @@ def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_p
                  k_segments: jax.Array | None = None) -> jax.Array:
     """Softmax attention with a per-head sink logit; scores and softmax in float32 (the test oracle).
 
-    q [b, t, n, h]; k, v [b, s, k, h]; sinks [n]; q_positions [b, t]; k_positions [b, s] (negative:
+    q [b, t, n, h]; k, v [b, k, s, h] (KV-head-major, as the cache); sinks [n]; q_positions [b, t];
+    k_positions [b, s] (negative:
     an empty or padding slot); optional q_segments [b, t], k_segments [b, s] (see `visible`) ->
     [b, t, n, h]. The sink joins the softmax's denominator only:
     w_j = exp(s_j) / (sum_i exp(s_i) + exp(sink)), so a query may attend to nothing.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * h ** -0.5
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * h ** -0.5
     mask = visible(q_positions, k_positions, window, q_segments, k_segments)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1, 1)
     top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
     weights = jnp.exp(scores - top)
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bksh->btkgh", weights.astype(v.dtype), v)
     return out.reshape(b, t, n, h)

@@ -7,6 +7,11 @@ full layer the filled blocks up to its queries, a decode step only its row's fil
 slots may be in any position order (a ring buffer's are not sorted); the exact mask is applied
 inside each visited block.
 
+Keys and values are KV-head-major, [b, k, s, h] (as the KV cache stores them): a block of keys is
+then a contiguous [k, s, h] slab that the score and value products read as they are (token-major
+[b, s, k, h] made XLA:CPU transpose every block: a decode step at 32k, one full layer of the bench
+config, 16 ms -> 8.4 ms; see `cache.py`).
+
 Dimension letters: t queries of a block, s keys of a block, k KV heads, g query heads per KV head,
 h head dim; `nq` / `nk` numbers of query / key blocks.
 """
@@ -73,27 +78,33 @@ def _mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array, k_seg: jax.Array
     return mask if window is None else mask & (q - k < window)
 
 
-def _key_block(keys: tuple[jax.Array, ...], index: jax.Array, size: int, where: tuple = ()) -> tuple[jax.Array, ...]:
-    """Block `index` of each of `keys` [*where's axes, S, ...] at the leading indices `where` (e.g.
-    (layer, row) of a whole KV cache, read in place); bfloat16 bits are read as bfloat16 (`ops.bits`)."""
+def _key_block(keys: tuple[jax.Array, ...], index: jax.Array, size: int, where: tuple = (),
+               axis: int = 0) -> tuple[jax.Array, ...]:
+    """Block `index` (along `axis`, after the leading indices) of each of `keys` [*where's axes, ...]
+    at the leading indices `where` (e.g. (layer, row) of a whole KV cache, read in place); bfloat16
+    bits are read as bfloat16 (`ops.bits`)."""
     def one(x: jax.Array) -> jax.Array:
         lead = len(where)
-        if x.shape[lead] == size and not lead:  # one block (a ring buffer): no slice, nor a gather when batched
+        at = lead + axis
+        if x.shape[at] == size and not lead:  # one block (a ring buffer): no slice, nor a gather when batched
             return bits.read(x)
-        block = jax.lax.dynamic_slice(x, (*where, index * size) + (0,) * (x.ndim - lead - 1),
-                                      (1,) * lead + (size,) + x.shape[lead + 1:])
+        starts = [0] * x.ndim
+        starts[:lead], starts[at] = where, index * size
+        sizes = list(x.shape)
+        sizes[:lead], sizes[at] = (1,) * lead, size
+        block = jax.lax.dynamic_slice(x, starts, sizes)
         return bits.read(block.reshape(block.shape[lead:]))
     return tuple(one(x) for x in keys)
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [t, k, g, h], k [s, k, h], mask [t, s] -> float32 [k, g, t, s] scaled by h**-0.5, -inf where hidden."""
-    s = jnp.einsum("tkgh,skh->kgts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    """q [t, k, g, h], k [k, s, h], mask [t, s] -> float32 [k, g, t, s] scaled by h**-0.5, -inf where hidden."""
+    s = jnp.einsum("tkgh,ksh->kgts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     return jnp.where(mask, s, -jnp.inf)
 
 
 def _forward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where, window, bk):
-    """One row. q [nq, t, k, g, h]; k, v [S, k, h] (or a whole cache, read at `where`: see
+    """One row. q [nq, t, k, g, h]; k, v [k, S, h] (or a whole cache, read at `where`: see
     `_key_block`); sinks float32 [k, g]; q_pos, q_seg [nq, t]; k_pos, k_seg [S]; order [nq, nk];
     count [nq] -> (out [nq, t, k, g, h], lse float32 [nq, k, g, t])."""
     def query_block(args):
@@ -105,7 +116,7 @@ def _forward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where
 
         def visit(i, carry):
             top, total, acc = carry
-            kb, vb = _key_block((k, v), blocks[i], bk, where)
+            kb, vb = _key_block((k, v), blocks[i], bk, where, axis=1)
             kp, = _key_block((k_pos,), blocks[i], bk)
             ks = None if k_seg is None else _key_block((k_seg,), blocks[i], bk)[0]
             kb, vb = kb.astype(qb.dtype), vb.astype(qb.dtype)  # a cache may be stored in another dtype
@@ -114,7 +125,7 @@ def _forward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where
             p = jnp.exp(s - new_top[..., None])
             rescale = jnp.exp(top - new_top)
             total = total * rescale + jnp.sum(p, axis=-1)
-            acc = acc * rescale[..., None] + jnp.einsum("kgts,skh->kgth", p.astype(vb.dtype), vb,
+            acc = acc * rescale[..., None] + jnp.einsum("kgts,ksh->kgth", p.astype(vb.dtype), vb,
                                                         preferred_element_type=jnp.float32)
             return new_top, total, acc
 
@@ -126,7 +137,7 @@ def _forward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where
 
 
 def _backward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, out, lse, d_out, window, bk):
-    """One row's (dq [nq, t, k, g, h], dk, dv float32 [S, k, h], dsinks float32 [k, g])."""
+    """One row's (dq [nq, t, k, g, h], dk, dv float32 [k, S, h], dsinks float32 [k, g])."""
     delta = jnp.einsum("ntkgh,ntkgh->nkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_sinks = -jnp.sum(jnp.exp(sinks[None, :, :, None] - lse) * delta, axis=(0, 3))
 
@@ -139,19 +150,19 @@ def _backward_row(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, out,
         def visit(i, carry):
             dq, dk, dv = carry
             start = blocks[i] * bk
-            kb, vb, kp = _key_block((k, v, k_pos), blocks[i], bk)
+            (kb, vb), (kp,) = _key_block((k, v), blocks[i], bk, axis=1), _key_block((k_pos,), blocks[i], bk)
             ks = None if k_seg is None else _key_block((k_seg,), blocks[i], bk)[0]
             kb, vb = kb.astype(qb.dtype), vb.astype(qb.dtype)
             p = jnp.exp(_scores(qb, kb, _mask(qp, kp, qs, ks, window)) - lb[..., None])  # [k, g, t, s]
-            dp = jnp.einsum("tkgh,skh->kgts", dob, vb, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("tkgh,ksh->kgts", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - db[..., None]) * scale
-            dq = dq + jnp.einsum("kgts,skh->tkgh", ds, kb, preferred_element_type=jnp.float32)
-            dk_block = jnp.einsum("kgts,tkgh->skh", ds, qb, preferred_element_type=jnp.float32)
-            dv_block = jnp.einsum("kgts,tkgh->skh", p, dob, preferred_element_type=jnp.float32)
+            dq = dq + jnp.einsum("kgts,ksh->tkgh", ds, kb, preferred_element_type=jnp.float32)
+            dk_block = jnp.einsum("kgts,tkgh->ksh", ds, qb, preferred_element_type=jnp.float32)
+            dv_block = jnp.einsum("kgts,tkgh->ksh", p, dob, preferred_element_type=jnp.float32)
             dk = jax.lax.dynamic_update_slice_in_dim(
-                dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, 0) + dk_block, start, 0)
+                dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, 1) + dk_block, start, 1)
             dv = jax.lax.dynamic_update_slice_in_dim(
-                dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, 0) + dv_block, start, 0)
+                dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, 1) + dv_block, start, 1)
             return dq, dk, dv
 
         dq, dk, dv = jax.lax.fori_loop(0, n, visit, (jnp.zeros(qb.shape, jnp.float32), dk, dv))
@@ -172,9 +183,9 @@ def _attend_fwd(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, window, bk, layer=No
     order, count = _plan(q_pos, k_pos.reshape(k_pos.shape[0], nk, bk), q_seg,
                          None if k_seg is None else k_seg.reshape(k_seg.shape[0], nk, bk), window)
     row = functools.partial(_forward_row, window=window, bk=bk)
-    if layer is None:  # k, v [b, S, k, h]: one row each
+    if layer is None:  # k, v [b, k, S, h]: one row each
         kv_axis, where = 0, ()
-    else:  # the whole cache [layers, b, S, k, h], not batched (vmap would move its batch axis: a copy)
+    else:  # the whole cache [layers, b, k, S, h], not batched (vmap would move its batch axis: a copy)
         kv_axis, where = None, (layer, jnp.arange(q.shape[0]))
     out, lse = jax.vmap(row, in_axes=(0, kv_axis, kv_axis, None, 0, 0, 0, 0, 0, 0, (None, 0)[:len(where)]))(
         q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, order, count, where)
@@ -197,17 +208,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positio
            k_positions: jax.Array, window: int | None, q_segments: jax.Array | None = None,
            k_segments: jax.Array | None = None, *, block_q: int = 512, block_k: int = 512,
            layer: jax.Array | None = None) -> jax.Array:
-    """`attention.attend_dense`'s result, blockwise: q [b, t, n, h]; k, v [b, s, k, h]; sinks [n];
+    """`attention.attend_dense`'s result, blockwise: q [b, t, n, h]; k, v [b, k, s, h]; sinks [n];
     positions [b, t] / [b, s] (negative: padding or an empty slot); optional segments -> [b, t, n, h].
 
     Blocks of `block_q` queries visit blocks of `block_k` keys (smaller when the lengths are; see
     `block_size`); differentiable in q, k, v and sinks with memory linear in t and s. With `layer`
-    (a KV cache), k and v are every layer's [layers, b, s, k, h], read at `layer` in place (no copy,
+    (a KV cache), k and v are every layer's [layers, b, k, s, h], read at `layer` in place (no copy,
     no gradient); they may hold bfloat16 bits (`ops.bits`)."""
     if (q_segments is None) != (k_segments is None):
         raise ValueError("attend: give both q_segments and k_segments, or neither")
     b, t, n, h = q.shape
-    s, kv_heads = k.shape[-3], k.shape[-2]
+    kv_heads, s = k.shape[-3], k.shape[-2]
     bq, bk = block_size(t, block_q), block_size(s, block_k)
     if layer is not None and s % bk:
         bk = s  # one block rather than a padded copy of every layer's cache
@@ -224,6 +235,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positio
     if layer is not None:
         out = _attend_fwd(*args, window, bk, layer)[0]
     else:
-        k, v = _pad_to(k, 1, bk, 0), _pad_to(v, 1, bk, 0)
+        k, v = _pad_to(k, 2, bk, 0), _pad_to(v, 2, bk, 0)
         out = _attend(*args[:1], k, v, *args[3:], window, bk)
     return out.reshape(b, nq * bq, n, h)[:, :t]

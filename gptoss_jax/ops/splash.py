@@ -45,7 +45,7 @@ _float32_cotangent.defvjp(lambda x: (x, None), lambda _, g: (g.astype(jnp.float3
 def attend_splash(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
                   window: int | None, segments: jax.Array | None = None, *,
                   interpret: bool = False) -> jax.Array:
-    """Causal self-attention with sinks: q [b,t,n,h], k, v [b,t,k,h], sinks [n], positions [b,t] -> [b,t,n,h].
+    """Causal self-attention with sinks: q [b,t,n,h], k, v [b,k,t,h], sinks [n], positions [b,t] -> [b,t,n,h].
 
     Equals `attend(q, k, v, sinks, positions, positions, window, segments, segments)` when valid
     positions advance by one along each row within each segment (training rows, default positions):
@@ -56,8 +56,8 @@ def attend_splash(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, po
     b, t, n, h = q.shape
     padded = -(-t // LANES) * LANES
     if padded != t:
-        extra = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, extra) for x in (q, k, v))
+        q = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padded - t), (0, 0))) for x in (k, v))
         positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
         if segments is not None:
             segments = jnp.pad(segments, ((0, 0), (0, padded - t)))
@@ -78,6 +78,6 @@ def attend_splash(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, po
     def one(q1: jax.Array, k1: jax.Array, v1: jax.Array, seg1: jax.Array) -> jax.Array:
         return kernel(q1, k1, v1, splash.SegmentIds(seg1, seg1), sinks32)
 
-    out = jax.vmap(one)(heads_major(scaled), heads_major(k), heads_major(v), segments)
+    out = jax.vmap(one)(heads_major(scaled), k, v, segments)
     out = jnp.where(valid[:, :, None, None], jnp.swapaxes(out, 1, 2), 0)
     return out[:, :t].astype(q.dtype)
