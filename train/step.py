@@ -155,6 +155,25 @@ def make_train_step(config: Config, params: Params, lc: LoraConfig, oc: OptimCon
     metrics: `loss` (mean over the global batch's weighted tokens), `tokens` (their count),
     `grad_norm` (before clipping), `lr`, `finite` (False: the loss or gradients were NaN/inf and the
     state was left unchanged, step included)."""
+    jitted = _jitted_step(config, lc, oc, mesh, remat, loss_chunk, seed, donate)
+    per_device = mesh is not None and not _has_model_split(mesh)
+    base = bits.as_bits(params)  # no copy; see `gptoss_jax.ops.bits`
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        if mesh is not None and not per_device:
+            with jax.set_mesh(mesh):
+                return jitted(base, state, batch)
+        return jitted(base, state, batch)
+
+    train_step.jitted = jitted  # type: ignore[attr-defined]
+    return train_step
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(config: Config, lc: LoraConfig, oc: OptimConfig, mesh: jax.sharding.Mesh | None,
+                 remat: str | None, loss_chunk: int, seed: int, donate: bool) -> Callable:
+    """The jitted `step(params, state, batch)`, one per setting: runs with the same settings (a run
+    and its resumption, in one process) share its traces and compilations."""
     optimizer = make_optimizer(oc)
     lr_schedule = schedule(oc)
     batch_axes = _batch_axes(mesh)
@@ -198,18 +217,7 @@ def make_train_step(config: Config, params: Params, lc: LoraConfig, oc: OptimCon
                    "finite": finite}
         return new, metrics
 
-    jitted = jax.jit(step, donate_argnums=(1,) if donate else ())
-
-    base = bits.as_bits(params)  # no copy; see `gptoss_jax.ops.bits`
-
-    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        if mesh is not None and not per_device:
-            with jax.set_mesh(mesh):
-                return jitted(base, state, batch)
-        return jitted(base, state, batch)
-
-    train_step.jitted = jitted  # type: ignore[attr-defined]
-    return train_step
+    return jax.jit(step, donate_argnums=(1,) if donate else ())
 
 
 def _has_model_split(mesh: jax.sharding.Mesh) -> bool:
