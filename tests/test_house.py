@@ -28,11 +28,13 @@ LAYERS: dict[str, int] = {
     "params": 6,
     "generate": 7, "checkpoint": 7,
     "sharding": 8,
-    "train": 9,
-    "cli": 10, "__init__": 10,
+    "train": 9, "engine": 9,
+    "serve": 10,
+    "cli": 11, "__init__": 11,
 }
 """Bottom to top: config and axis tables, kernels, typed weights, ops, the model, generate / checkpoint,
-sharding (which reads the model's declarations), train, and the entry points."""
+sharding (which reads the model's declarations), train and the engine, the server on the engine, and
+the entry points."""
 
 
 def _module_name(path: Path) -> str:
