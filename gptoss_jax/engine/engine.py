@@ -98,6 +98,7 @@ class Engine:
         }
         with self._in_mesh():
             self._state = self._call("init")
+        self._cache_bytes = kv_cache.used_bytes(self._state["cache"])
         self._slots = [_Slot() for _ in range(slots)]
         self._queue: deque[_Request] = deque()
         self._inbox: list[_Request] = []  # submitted since the last step
@@ -434,7 +435,7 @@ class Engine:
         with self._lock:
             compiled = self.compilations()
             return {"slots": self.slots, "slots_in_use": sum(s.phase != "free" for s in self._slots),
-                    "queue_length": len(self._queue) + len(self._inbox), "cache_bytes": kv_cache.used_bytes(self._state["cache"]),
+                    "queue_length": len(self._queue) + len(self._inbox), "cache_bytes": self._cache_bytes,
                     **self._counters, "compilations": compiled,
                     "compilations_after_warmup": None if self._warm_compilations is None
                     else compiled - self._warm_compilations, "ready": self.ready, "time": time.time()}

@@ -48,6 +48,11 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     if allowed is not None:
         logits = jnp.where(allowed, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = _filtered(logits, temperature, top_k, top_p, min_p)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, filtered)
-    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    def drawn(logits: jax.Array) -> jax.Array:
+        filtered = _filtered(logits, temperature, top_k, top_p, min_p)
+        draw = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, filtered)
+        return jnp.where(temperature > 0, draw.astype(jnp.int32), greedy)
+
+    # all rows greedy: no filters and no random draws over the vocabulary
+    return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)
