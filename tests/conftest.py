@@ -24,6 +24,17 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # subprocess tests reuse it all
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def subprocess_env(devices: int = 8) -> dict[str, str]:
+    """The environment of a test's child Python process: this run's XLA flags (quick compiles) with
+    `devices` simulated CPU devices, and this run's persistent compilation cache, read and written
+    (children that compile what another already did then only load it)."""
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 TINY_CONFIGS = ("tiny-a", "tiny-b")
 
 

@@ -430,7 +430,9 @@ def test_two_processes_match_one_device(case, tmp_path):
     config, params, tokens, reference, *_ = case
     np.savez(tmp_path / "params.npz", **{"/".join(p): np.asarray(v) for p, v in flatten(params).items()})
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    from conftest import subprocess_env  # not at the top: this file is also the workers' script
+
+    env = subprocess_env(devices=4)
     workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     deadline = time.monotonic() + 400  # a bound for hangs; a loaded 2-core machine needs well under it

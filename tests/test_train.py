@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES, Golden, assert_close_to_reference
+from conftest import FIXTURES, Golden, assert_close_to_reference, subprocess_env
 
 import gptoss_jax
 from gptoss_jax.train import data as data_lib
@@ -665,7 +665,7 @@ def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch
     assert [r["step"] for r in rows] == list(range(1, steps + 1)) and rows[0]["tokens"] > 0
 
     run = _write_run(tmp_path, "killed", steps)
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    env = subprocess_env()
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_STEP.format(step=5), "finetune", "--config", str(run)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

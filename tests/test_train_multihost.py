@@ -69,8 +69,9 @@ def worker(process_id: int, processes: int, port: int, out: str) -> None:
 
 
 def _spawn(process_id: int, processes: int, port: int, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
-           "JAX_PLATFORMS": "cpu"}
+    from conftest import subprocess_env  # not at the top: this file is also the workers' script
+
+    env = subprocess_env(devices=8 // processes)
     return subprocess.Popen([sys.executable, __file__, str(process_id), str(processes), str(port), str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
