@@ -594,7 +594,7 @@ def _write_run(tmp_path: Path, name: str, steps: int, **train) -> Path:
                 "progress": False, "export": [], **train}
     run = tmp_path / f"{name}.toml"
     lines = ["[model]", f'path = "random:{model_config}"', 'dtype = "float32"', "[data]", f'path = "{data}"',
-             "seq_len = 48", "batch_size = 4", "[lora]", "rank = 4", "alpha = 8.0", "[optim]",
+             "seq_len = 48", "batch_size = 2", "[lora]", "rank = 4", "alpha = 8.0", "[optim]",
              "learning_rate = 0.01", "warmup_steps = 2", "[train]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     run.write_text("\n".join(lines) + "\n")
