@@ -19,10 +19,12 @@ Per device (dimension letters: m local tokens, M tokens of the expert group, k t
      the bytes (1/2 for 120b on expert=8), and it sorts m*k assignments instead of M*k, which
      matters once batches are large.
    `auto` (the default) uses ragged_all_to_all when a device holds more than
-   `ALL_GATHER_MAX_TOKENS` tokens and the backend has a native ragged all-to-all (GPU, TPU).
-   XLA:CPU has none; its stand-in (`_emulated_ragged_all_to_all`, a dense all_to_all of
-   worst-case slots) moves expert*m*k rows, more than the all-gather, so on CPU `auto` always
-   all-gathers (both paths are tested there).
+   `ALL_GATHER_MAX_TOKENS` tokens and the platforms traced for (`ops.platform.targets()`: the
+   default backend's, or `ops.platform.lowering_for`'s, e.g. an export for TPU from a CPU host)
+   have a native ragged all-to-all (GPU, TPU). XLA:CPU has none; its stand-in
+   (`_emulated_ragged_all_to_all`, a dense all_to_all of worst-case slots) moves expert*m*k rows,
+   more than the all-gather, so for CPU `auto` all-gathers (both paths are tested there; the
+   ragged one also under `lowering_for("tpu")`, which runs the stand-in on CPU).
 2. Compute: sort the local assignments by local expert; gate_up, clamped SwiGLU, down with one
    grouped matmul each (`jax.lax.ragged_dot`; on CPU, where XLA lowers ragged_dot to a masked dense
    product over every group, `gptoss_jax.moe.expert_matmul`'s tiled scan instead). Only routed rows are computed: no
@@ -39,10 +41,8 @@ rows.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -63,25 +63,19 @@ benchmarks and tests, never chosen by `auto`)."""
 ALL_GATHER_MAX_TOKENS = 64
 """`auto` all-gathers when a device holds at most this many tokens (decode: batch per device)."""
 
-NATIVE_RAGGED_ALL_TO_ALL = frozenset({"gpu", "cuda", "rocm", "tpu"})
+_strategy = jax.make_user_context(default_value=None)
+"""The strategy `moe_strategy` forces (None: auto); part of jit's cache key, like `ops.platform`'s targets."""
 
-_strategy: contextvars.ContextVar[str] = contextvars.ContextVar("gptoss_jax_moe_strategy", default="auto")
 
-
-@contextlib.contextmanager
-def moe_strategy(name: str) -> Iterator[None]:
-    """Forces an exchange strategy for MoE layers traced inside the block (read at trace time:
-    jit a fresh function inside it)."""
+def moe_strategy(name: str) -> contextlib.AbstractContextManager:
+    """Forces an exchange strategy for MoE layers traced inside the block (part of jit's cache key:
+    a function jitted outside is traced again inside)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {name!r} (one of {', '.join(STRATEGIES)})")
-    token = _strategy.set(name)
-    try:
-        yield
-    finally:
-        _strategy.reset(token)
+    return _strategy(name)
 
 
-def choose_strategy(tokens_per_device: int, tokens_split_over_expert: bool, platform: str,
+def choose_strategy(tokens_per_device: int, tokens_split_over_expert: bool, native_ragged: bool,
                     requested: str = "auto") -> str:
     """The exchange for one MoE call (see the module docstring for why)."""
     if requested == "dense":
@@ -90,7 +84,7 @@ def choose_strategy(tokens_per_device: int, tokens_split_over_expert: bool, plat
         return "all_gather"  # every expert shard already holds all of the group's tokens
     if requested != "auto":
         return requested
-    if platform in NATIVE_RAGGED_ALL_TO_ALL and tokens_per_device > ALL_GATHER_MAX_TOKENS:
+    if native_ragged and tokens_per_device > ALL_GATHER_MAX_TOKENS:
         return "ragged_all_to_all"
     return "all_gather"
 
@@ -138,7 +132,8 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     batch_axes = _axes(token_spec[0])
     over_expert = "expert" in batch_axes
     tokens_per_device = x3.shape[0] * x3.shape[1] // math.prod(sizes[a] for a in batch_axes)
-    strategy = choose_strategy(tokens_per_device, over_expert, jax.default_backend(), _strategy.get())
+    strategy = choose_strategy(tokens_per_device, over_expert, collectives.has_native_ragged_all_to_all(),
+                               _strategy.value or "auto")
 
     stacked = (LAYERS,) if layer is not None else ()
     if strategy == "dense" and any(is_quantized(w.base if isinstance(w, Adapted) else w) for w in (gate_up, down)):

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     # module (relative to gptoss_jax) -> its layer; a module may import only from layers <= its own
     "axes": 0, "config": 0, "mxfp4": 0,
     "ops": 1, "ops.bits": 1, "ops.parallel": 1, "ops.attention": 1, "ops.blockwise": 1, "ops.splash": 1, "ops.mxfp4": 1, "ops.collectives": 1,
+    "ops.platform": 1,
     "quant": 2, "adapted": 2,
     "ops.matmul": 3,
     "moe": 4, "cache": 4, "tokenizer": 4, "harmony": 4, "textstream": 4,

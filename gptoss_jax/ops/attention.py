@@ -5,9 +5,9 @@ optionally by segment ids (examples packed in one row).
 `attend` is the one entry point; it picks the backend: `splash` (the Pallas kernel) for TPU
 self-attention on one device, else `blockwise` (pure JAX, memory linear in the context: CPU, GPU,
 and TPU's fallback). `attend_dense` builds the whole score matrix: the tests' oracle, never used
-by the model. The platform is the default backend's, or the one `lowering_for` names (exporting
-for TPU from a CPU host); splash is not even traced for others: its mask tables take 84 s to
-build at 128k (measured on CPU, once per process and shape), which CPU and GPU runs never pay.
+by the model. The platform is `ops.platform.targets()`: the default backend's, or the one
+`platform.lowering_for` names (exporting for TPU from a CPU host); splash is not even traced for
+others: its mask tables take 84 s to build at 128k (measured on CPU, once per process and shape), which CPU and GPU runs never pay.
 
 Dimension letters: b batch, t query positions, s key positions, n query heads, k KV heads,
 g query heads per KV head, h head dim.
@@ -15,29 +15,17 @@ g query heads per KV head, h head dim.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.config import Config, yarn_inv_freq_and_scale
-from gptoss_jax.ops import blockwise, parallel, splash
+from gptoss_jax.ops import blockwise, parallel, platform, splash
 
-_PLATFORMS = jax.make_user_context(default_value=None)
-"""The platforms `lowering_for` names (None: the default backend's); part of jit's cache key, so a
-function traced for one platform is traced again for another."""
-
-
-def lowering_for(*platforms: str) -> contextlib.AbstractContextManager:
-    """Inside, `attend` chooses backends for `platforms` (those given to `jax.export`) rather than for
-    the default backend. Several platforms at once get `blockwise` everywhere: a multi-platform
-    lowering lowers every branch for every platform, and the Pallas TPU call refuses the CPU."""
-    return _PLATFORMS(tuple(platforms))
-
-
-def _platforms() -> tuple[str, ...]:
-    return _PLATFORMS.value or (jax.default_backend(),)
+lowering_for = platform.lowering_for
+"""(`ops.platform.lowering_for`, kept under its first name.) Several platforms at once get
+`blockwise` everywhere: a multi-platform lowering lowers every branch for every platform, and the
+Pallas TPU call refuses the CPU."""
 
 
 def rope_cos_sin(config: Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,7 +75,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positio
         return blockwise.attend(q, k, v, sinks, q_positions, k_positions, window, q_segments, k_segments,
                                 block_q=block, block_k=block, layer=layer)
 
-    if in_order and _platforms() == ("tpu",) and parallel.current() is None:
+    if in_order and platform.targets() == ("tpu",) and parallel.current() is None:
         return splash.attend_splash(q, k, v, sinks, q_positions, window, q_segments)
     return by_blocks()
 

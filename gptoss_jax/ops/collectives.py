@@ -1,4 +1,10 @@
-"""Collectives whose implementation depends on the platform: the native op on GPU / TPU, a stand-in on CPU."""
+"""Collectives whose implementation depends on the platform: the native op on GPU / TPU, a stand-in on CPU.
+
+XLA:CPU cannot execute the native ragged all-to-all, so here the platform XLA lowers for decides
+(`jax.lax.platform_dependent`), whatever `ops.platform.lowering_for` says: a CPU test traced for
+TPU (`lowering_for("tpu")`: the ragged-all-to-all MoE exchange) runs the stand-in, an export for
+TPU or CUDA holds the native op.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from gptoss_jax.ops import platform
+
+
+def has_native_ragged_all_to_all() -> bool:
+    """Whether every platform traced for (`ops.platform.targets()`) has a native ragged all-to-all
+    (GPU, TPU; XLA:CPU's stand-in moves worst-case slots: more bytes than an all-gather)."""
+    return platform.on_accelerators()
 
 
 def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array, send_sizes: jax.Array,

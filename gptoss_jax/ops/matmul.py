@@ -3,7 +3,8 @@
 Weights come as arrays (bfloat16 ones possibly as their bits, see `ops.bits`), quantized weights
 (`gptoss_jax.quant`) or LoRA-adapted ones (`gptoss_jax.adapted.Adapted`); this module alone tells
 them apart, so model code reads every format the same way. Platform choices, each with the
-measurement behind it:
+measurement behind it (the platform: `ops.platform`'s targets, so an export for TPU from a CPU host,
+or a CPU test under `platform.lowering_for("tpu")`, takes the TPU branch):
 
 - projections: XLA:CPU runs a bfloat16 product with a single row ~12x slower than one with two rows
   (0.26 against 3.2 Gparam/s on the unembedding), so there a single row is duplicated;
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.adapted import Adapted
-from gptoss_jax.ops import bits
+from gptoss_jax.ops import bits, platform
 from gptoss_jax.quant import is_quantized
 
 Weight = Any
@@ -62,7 +63,7 @@ def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     def two_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return plain(jnp.concatenate([x, x]), kernel)[:1]
 
-    return jax.lax.platform_dependent(x, kernel, cpu=two_rows, default=plain)
+    return platform.select(x, kernel, cpu=two_rows, default=plain)
 
 
 def _low_rank_specs(spec: str) -> tuple[str, str]:
@@ -124,7 +125,7 @@ def unembed(x: jax.Array, table: jax.Array, chunked: bool = True) -> jax.Array:
         _, y = jax.lax.scan(one_chunk, None, table.reshape(chunks, v // chunks, d))  # [chunks, m, v / chunks]
         return jnp.moveaxis(y, 0, 1).reshape(*x.shape[:-1], v)
 
-    return jax.lax.platform_dependent(x, table, cpu=by_chunks, default=lambda x, t: _einsum("...d,vd->...v", x, t))
+    return platform.select(x, table, cpu=by_chunks, default=lambda x, t: _einsum("...d,vd->...v", x, t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     if is_quantized(base):
         return _tiled_grouped_matmul(x, w, group_sizes, layer=layer, tile=tile)
     cpu = functools.partial(_tiled_grouped_matmul, layer=layer, tile=tile)
-    return jax.lax.platform_dependent(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
+    return platform.select(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
 
 
 def select_layer(w: Weight, layer: jax.Array) -> Weight:
