@@ -1,11 +1,12 @@
 """The continuous-batching engine: a host-side scheduler over the jitted slot operations of `state.py`.
 
-Each `step` (1) applies cancellations, (2) admits waiting requests into free slots, (3) runs at most
-one prefill chunk (`prefill_chunk` tokens of the earliest admitted request still prefilling; its
-last chunk makes the first token), then (4) one decode dispatch of `steps_per_dispatch` steps over
-every decoding slot, with the stop checks on the device, and hands each request its new tokens.
-So a long prompt delays the running streams by one chunk per dispatch, never more; a finished or
-cancelled request frees its slot for the next step.
+Each `step` (1) applies cancellations, (2) admits waiting requests into free slots, (3) runs one
+prefill chunk (`prefill_chunk` tokens) of each of the `prefill_rows` earliest admitted requests
+still prefilling, in one call (a prompt's last chunk makes its first token, handed back at once),
+then (4) one decode dispatch of `steps_per_dispatch` steps over every decoding slot, with the stop
+checks on the device, and hands each request its new tokens. So a long prompt delays the running
+streams by one chunk call per dispatch, never more; a finished or cancelled request frees its slot
+for the next step.
 
 Prefix reuse, bounded by the slots themselves (no memory besides the cache): a slot that is free
 keeps its cache row and the tokens it holds (prompt + generated, but the last generated token,
@@ -72,9 +73,10 @@ class Engine:
 
     def __init__(self, config: Config, params: Params, *, slots: int = 8, max_context: int = 4096,
                  prefill_chunk: int = 256, steps_per_dispatch: int = 8, max_queue: int = 256,
-                 max_stop_tokens: int = 16, max_forced_tokens: int = 64):
+                 prefill_rows: int = 4, max_stop_tokens: int = 16, max_forced_tokens: int = 64):
         for name, value in (("slots", slots), ("max_context", max_context), ("prefill_chunk", prefill_chunk),
                             ("steps_per_dispatch", steps_per_dispatch), ("max_queue", max_queue),
+                            ("prefill_rows", prefill_rows),
                             ("max_stop_tokens", max_stop_tokens), ("max_forced_tokens", max_forced_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -85,6 +87,7 @@ class Engine:
         self.config, self.slots, self.max_context = config, slots, max_context
         self.prefill_chunk, self.steps_per_dispatch, self.max_queue = prefill_chunk, steps_per_dispatch, max_queue
         self.max_stop_tokens, self.max_forced_tokens = max_stop_tokens, max_forced_tokens
+        self.prefill_rows = min(prefill_rows, slots)
         self._mesh = jax.sharding.get_mesh()  # the mesh set with jax.set_mesh (thread-local), if any
         self._params = as_bits(params)  # no copies; see `gptoss_jax.ops.bits`
         dtype = value_dtype(self._params["embed"])
@@ -152,9 +155,10 @@ class Engine:
                 raise RuntimeError("warmup must run before any request is admitted")
         with self._in_mesh():
             state = self._call("begin", self._state, np.int32(0), np.int32(0), self._settings_row(None))
-            chunk = np.zeros((self.prefill_chunk,), np.int32)
-            state, first = self._call("prefill", self._params, state, np.int32(0), chunk, np.int32(0), np.int32(0),
-                                      np.bool_(False))
+            rows = self.prefill_rows
+            state, first = self._call("prefill", self._params, state, np.arange(rows, dtype=np.int32),
+                                      np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
+                                      np.zeros(rows, np.int32), np.zeros(rows, bool))
             state, out = self._call("decode", self._params, state)
             state = self._call("release", state, np.int32(0))
             _host(first), _host(out), _host(state["active"])
@@ -320,31 +324,41 @@ class Engine:
         self._counters["cached_tokens"] += start
         self._counters["prompt_tokens"] += len(request.prompt)
 
-    def _prefill_chunk(self) -> dict[int, jax.Array]:
-        """Runs one prefill chunk of the earliest admitted request still prefilling. Returns
-        {slot: its first token (on the device)} when that chunk was its last."""
-        waiting = [i for i, s in enumerate(self._slots) if s.phase == "prefill"]
+    def _prefill_chunk(self) -> dict[int, int]:
+        """Runs one prefill chunk of each of the (up to `prefill_rows`) earliest admitted requests
+        still prefilling, in one call. Returns {slot: first token} of those whose last chunk it was."""
+        waiting = sorted((i for i, s in enumerate(self._slots) if s.phase == "prefill"),
+                         key=lambda i: self._slots[i].admitted)[: self.prefill_rows]
         if not waiting:
             return {}
-        slot = min(waiting, key=lambda i: self._slots[i].admitted)
-        info = self._slots[slot]
-        prompt = info.request.prompt
-        piece = prompt[info.next: info.next + self.prefill_chunk]
-        chunk = np.zeros((self.prefill_chunk,), np.int32)
-        chunk[: len(piece)] = piece
-        last = info.next + len(piece) == len(prompt)
-        self._state, first = self._call("prefill", self._params, self._state, np.int32(slot), chunk,
-                                        np.int32(info.next), np.int32(len(piece)), np.bool_(last))
-        info.cached = prompt[: info.next + len(piece)]
-        info.next += len(piece)
-        self._counters["prefilled_tokens"] += len(piece)
-        self._counters["prefill_chunks"] += 1
-        if not last:
-            return {}
-        info.phase = "decode"
-        return {slot: first}
+        rows = self.prefill_rows
+        spare = [i for i in range(self.slots) if i not in waiting]  # padding rows: distinct slots, no writes
+        slots = np.array(waiting + spare[: rows - len(waiting)], np.int32)
+        tokens = np.zeros((rows, self.prefill_chunk), np.int32)
+        starts, valid, last = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, bool)
+        for r, slot in enumerate(waiting):
+            info = self._slots[slot]
+            prompt = info.request.prompt
+            piece = prompt[info.next: info.next + self.prefill_chunk]
+            tokens[r, : len(piece)] = piece
+            starts[r], valid[r], last[r] = info.next, len(piece), info.next + len(piece) == len(prompt)
+        self._state, first = self._call("prefill", self._params, self._state, slots, tokens, starts, valid, last)
+        firsts = {}
+        for r, slot in enumerate(waiting):
+            info = self._slots[slot]
+            info.next += int(valid[r])
+            info.cached = info.request.prompt[: info.next]
+            self._counters["prefilled_tokens"] += int(valid[r])
+            self._counters["prefill_chunks"] += 1
+            if last[r]:
+                info.phase = "decode"
+                firsts[slot] = r
+        if firsts:
+            first = _host(first)
+            firsts = {slot: int(first[r]) for slot, r in firsts.items()}
+        return firsts
 
-    def _deliver(self, firsts: dict[int, jax.Array], out: jax.Array | None) -> None:
+    def _deliver(self, firsts: dict[int, int], out: jax.Array | None) -> None:
         """Hands the requests their first tokens (`firsts`) or a dispatch's tokens (`out` [S, steps]);
         finishes and frees those the device stopped."""
         tokens = _host(out) if out is not None else None
@@ -352,7 +366,7 @@ class Engine:
         for slot, info in enumerate(self._slots):
             if info.phase != "decode" or (tokens is None and slot not in firsts):
                 continue
-            new = [int(_host(firsts[slot]))] if slot in firsts else []
+            new = [firsts[slot]] if slot in firsts else []
             if tokens is not None:
                 new += [int(t) for t in tokens[slot] if t >= 0]
             request = info.request

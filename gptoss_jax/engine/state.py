@@ -8,8 +8,8 @@
      "allowed": bool [S, vocab]}
 
 `begin` readies a slot for a request (keeping its cache below a position, for prefix reuse),
-`prefill` writes one chunk of a prompt into the slot's row and, on the last chunk, makes the first
-token, `decode` runs several decode steps over all slots with per-slot stop checks, `release`
+`prefill` writes one prompt chunk into each of several slots' rows and, on a prompt's last chunk,
+makes its first token, `decode` runs several decode steps over all slots with per-slot stop checks, `release`
 frees a slot. Inactive slots are fed at position -1, so their cache rows are never written.
 Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
 """
@@ -101,29 +101,32 @@ def _after(state: State, made: jax.Array, emitted: jax.Array) -> State:
     return state
 
 
-def prefill(config: Config, params: Params, state: State, slot: jax.Array, tokens: jax.Array, start: jax.Array,
+def prefill(config: Config, params: Params, state: State, slots: jax.Array, tokens: jax.Array, starts: jax.Array,
             valid: jax.Array, last: jax.Array) -> tuple[State, jax.Array]:
-    """Writes tokens int32 [C] (the first `valid` at positions start, start + 1, ...) into slot
-    `slot`'s cache row. With `last` (the prompt's last token is in this chunk) also makes the
-    request's first token and starts decoding it. Returns the state and that token (int32 [])."""
-    chunk = tokens.shape[0]
-    offsets = jnp.arange(chunk, dtype=jnp.int32)
-    positions = jnp.where(offsets < valid, start + offsets, -1)[None]
-    row = _rows(state["cache"], lambda leaf, axis: jax.lax.dynamic_slice_in_dim(leaf, slot, 1, axis))
-    x, row = extend(config, params, row, tokens[None], positions)
-    cache = {kind: {name: jax.lax.dynamic_update_slice_in_dim(
-        state["cache"][kind][name], row[kind][name], slot, CACHE_AXES[name].index("cache_batch"))
-        for name in leaves} for kind, leaves in state["cache"].items()}
-    state = {**state, "cache": cache}
-    hidden = jax.lax.dynamic_index_in_dim(x[0], jnp.maximum(valid - 1, 0), 0, keepdims=True)  # [1, d]
-    one = {name: jax.lax.dynamic_index_in_dim(value, slot, 0, keepdims=True)
-           for name, value in state.items() if name != "cache"}
-    first = _next(one, build(config, params).logits(hidden))
-    emitted = jnp.arange(state["tokens"].shape[0]) == slot
-    emitted &= last
-    after = _after(state, jnp.full_like(state["tokens"], first[0]), emitted)
-    after["positions"] = jnp.where(emitted, start + valid, state["positions"])
-    return pin(after), first[0]
+    """Writes one prompt chunk into each of R distinct slots' cache rows at once: slots int32 [R],
+    tokens int32 [R, C] (row r: its first valid[r] at positions starts[r], starts[r] + 1, ...;
+    valid 0: a row that writes nothing). A row with `last` [R] (its prompt's last token is in this
+    chunk) also makes its request's first token and starts decoding it. Returns the state and the
+    rows' first tokens int32 [R] (meaningful where `last`). Only the R rows are copied (gathered,
+    run through `extend`, scattered back into the donated cache)."""
+    rows_n, chunk = tokens.shape
+    offsets = jnp.arange(chunk, dtype=jnp.int32)[None]
+    positions = jnp.where(offsets < valid[:, None], starts[:, None] + offsets, -1)
+    rows = _rows(state["cache"], lambda leaf, axis: jnp.take(leaf, slots, axis=axis))
+    x, rows = extend(config, params, rows, tokens, positions)
+
+    def put(leaf: jax.Array, row: jax.Array, axis: int) -> jax.Array:
+        return leaf.at[(slice(None),) * axis + (slots,)].set(row)
+
+    cache = {kind: {name: put(leaf, rows[kind][name], CACHE_AXES[name].index("cache_batch"))
+                    for name, leaf in leaves.items()} for kind, leaves in state["cache"].items()}
+    hidden = x[jnp.arange(rows_n), jnp.maximum(valid - 1, 0)]  # [R, d]
+    sub = {name: value[slots] for name, value in state.items() if name != "cache"}
+    first = _next(sub, build(config, params).logits(hidden))
+    after = _after(sub, first, last)
+    after["positions"] = jnp.where(last, starts + valid, sub["positions"])
+    state = {**{name: state[name].at[slots].set(after[name]) for name in sub}, "cache": cache}
+    return pin(state), first
 
 
 def decode(config: Config, steps: int, params: Params, state: State) -> tuple[State, jax.Array]:
