@@ -143,7 +143,10 @@ def decode(config: Config, steps: int, params: Params, state: State) -> tuple[St
         step, state, out = carry
         active = state["active"]
         feed = jnp.where(active, state["positions"], -1)
-        x, cache = extend(config, params, state["cache"], state["tokens"][:, None], feed[:, None])
+        # inactive slots all feed token 0 at position -1: the same hidden state, so they route to the
+        # same few experts (the MoE's cost follows the experts its tokens use)
+        tokens = jnp.where(active, state["tokens"], 0)
+        x, cache = extend(config, params, state["cache"], tokens[:, None], feed[:, None])
         state = {**state, "cache": cache}
         made = _next(state, model.logits(x[:, 0]))
         out = out.at[:, step].set(jnp.where(active, made, -1))
