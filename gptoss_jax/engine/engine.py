@@ -69,7 +69,12 @@ class _Slot:
 
 
 class Engine:
-    """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc)."""
+    """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc).
+
+    `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call, `steps_per_dispatch`
+    decode steps per dispatch, at most `max_queue` requests waiting, `max_stop_tokens` stop tokens
+    and `max_forced_tokens` forced tokens per request. Made under `jax.set_mesh(mesh)` (with params
+    on that mesh), it runs every step on that mesh, from any thread."""
 
     def __init__(self, config: Config, params: Params, *, slots: int = 8, max_context: int = 4096,
                  prefill_chunk: int = 256, steps_per_dispatch: int = 8, max_queue: int = 256,
