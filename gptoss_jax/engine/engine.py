@@ -71,7 +71,8 @@ class _Slot:
 class Engine:
     """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc).
 
-    `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call, `steps_per_dispatch`
+    `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call (compiled for 1, 4, 16,
+    ... and `prefill_rows` rows; the smallest that fits is used), `steps_per_dispatch`
     decode steps per dispatch, at most `max_queue` requests waiting, `max_stop_tokens` stop tokens
     and `max_forced_tokens` forced tokens per request. Made under `jax.set_mesh(mesh)` (with params
     on that mesh), it runs every step on that mesh, from any thread."""
@@ -93,6 +94,8 @@ class Engine:
         self.prefill_chunk, self.steps_per_dispatch, self.max_queue = prefill_chunk, steps_per_dispatch, max_queue
         self.max_stop_tokens, self.max_forced_tokens = max_stop_tokens, max_forced_tokens
         self.prefill_rows = min(prefill_rows, slots)
+        # prefill calls run 1, 4, 16, ... rows (and prefill_rows): a lone prompt is not padded to many
+        self._row_buckets = sorted({4 ** k for k in range(8) if 4 ** k < self.prefill_rows} | {self.prefill_rows})
         self._mesh = jax.sharding.get_mesh()  # the mesh set with jax.set_mesh (thread-local), if any
         self._params = as_bits(params)  # no copies; see `gptoss_jax.ops.bits`
         dtype = value_dtype(self._params["embed"])
@@ -160,10 +163,10 @@ class Engine:
                 raise RuntimeError("warmup must run before any request is admitted")
         with self._in_mesh():
             state = self._call("begin", self._state, np.int32(0), np.int32(0), self._settings_row(None))
-            rows = self.prefill_rows
-            state, first = self._call("prefill", self._params, state, np.arange(rows, dtype=np.int32),
-                                      np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
-                                      np.zeros(rows, np.int32), np.zeros(rows, bool))
+            for rows in self._row_buckets:
+                state, first = self._call("prefill", self._params, state, np.arange(rows, dtype=np.int32),
+                                          np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
+                                          np.zeros(rows, np.int32), np.zeros(rows, bool))
             state, out = self._call("decode", self._params, state)
             state = self._call("release", state, np.int32(0))
             _host(first), _host(out), _host(state["active"])
@@ -336,7 +339,7 @@ class Engine:
                          key=lambda i: self._slots[i].admitted)[: self.prefill_rows]
         if not waiting:
             return {}
-        rows = self.prefill_rows
+        rows = next(n for n in self._row_buckets if n >= len(waiting))
         spare = [i for i in range(self.slots) if i not in waiting]  # padding rows: distinct slots, no writes
         slots = np.array(waiting + spare[: rows - len(waiting)], np.int32)
         tokens = np.zeros((rows, self.prefill_chunk), np.int32)
