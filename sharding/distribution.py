@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.axes import Axes
 from gptoss_jax.sharding import moe, rules
@@ -45,6 +46,18 @@ class MeshDistribution:
                 layer: jax.Array | None) -> jax.Array:
         return moe.experts(x, expert_ids, expert_weights, gate_up, gate_up_bias, down, down_bias,
                            sizes=self.sizes, alpha=alpha, limit=limit, layer=layer)
+
+
+    def per_shard(self, fn: Any, args: tuple[jax.Array, ...], logical: tuple[Axes, ...],
+                  tied: tuple[tuple[int, int], ...] = ()) -> jax.Array:
+        """`ops.parallel.per_shard`: fn inside `jax.shard_map`, each argument split by
+        `rules.activation_spec` of its logical axes, the output like args[0]."""
+        specs = [list(rules.activation_spec(axes, a.shape, self.sizes)) for a, axes in zip(args, logical, strict=True)]
+        if len({repr(specs[i][d]) for i, d in tied}) > 1:  # split differently: replicate them all
+            for i, d in tied:
+                specs[i][d] = None
+        in_specs = tuple(P(*spec) for spec in specs)
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=in_specs[0], check_vma=False)(*args)
 
 
 def distribution_for(mesh: Any) -> MeshDistribution | None:

@@ -3,8 +3,9 @@
 1. The override: `platform.lowering_for` is part of jit's cache key and picks branches at trace time.
 2. Every non-CPU branch XLA:CPU can execute runs here under `lowering_for("tpu")`: the grouped expert
    matmul on `ragged_dot` against the CPU's tiles (forward and gradients, plain and LoRA-adapted),
-   projections and the unembedding, and the MoE's ragged-all-to-all exchange on a mesh (the CPU
-   stand-in of the collective, the only part XLA:CPU cannot run natively).
+   projections and the unembedding, and the forward on a mesh with the MoE's ragged-all-to-all
+   exchange (the CPU stand-in of the collective, the only part XLA:CPU cannot run natively) and
+   splash per device (Pallas in interpret mode).
 3. `jax.export(..., platforms=["tpu"] / ["cuda"])` on 8 simulated devices under the README presets:
    the forward (prefill- and decode-sized), the engine's decode step and the LoRA train step, with
    assertions on the lowered module: `ragged_all_to_all` exactly for prefill-sized batches with
@@ -116,27 +117,33 @@ def test_projection_and_unembedding_branches(monkeypatch):
     _close(_on("tpu", unembed, x, table), _on("cpu", unembed, x, table), "unembedding", 1e-6)
 
 
-def test_moe_exchange_traced_for_accelerators_runs_on_cpu():
-    """One MoE layer of tiny-ep on expert=4,tensor=2 with 72 tokens per device (prefill-sized): traced
-    for CUDA, `auto` takes the ragged all-to-all (run here by the CPU stand-in) and ragged_dot, and
-    gives the one-device output (traced for this CPU it all-gathers: tests/test_sharding.py)."""
-    config = gptoss_jax.load_config("tiny-ep")
-    e, d, i = config.num_experts, config.hidden, config.intermediate
-    keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
-    normal = lambda *shape, scale=0.3: scale * jax.random.normal(next(keys), shape, jnp.float32)
-    x = normal(8, 36, d, scale=1.0)
-    ids, gates = gptoss_jax.moe.route(x, normal(d, e), normal(e), config.experts_per_token)
-    weights = (normal(e, d, 2 * i), normal(e, 2 * i), normal(e, i, d), normal(e, d))
+def test_splash_per_shard_on_a_mesh_traced_for_tpu(monkeypatch):
+    """tiny-ep's forward on expert=4,tensor=2 with 80 tokens per device (prefill-sized), traced for
+    TPU and run here: `auto` takes the ragged all-to-all (the CPU stand-in runs it) with ragged_dot,
+    and attention is splash per device (in interpret mode); the one-device logits."""
+    from test_sharding import CONFIG, SEED, assert_same_logits, forward_fn, make_tokens
 
-    def layer(x, ids, gates, gate_up, gate_up_bias, down, down_bias):
-        return gptoss_jax.moe.experts(x, ids, gates, gate_up, gate_up_bias, down, down_bias,
-                                      alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+    from gptoss_jax.ops import splash
 
-    reference = jax.jit(layer)(x, ids, gates, *weights)
-    with jax.set_mesh(sharding.make_mesh("expert=4,tensor=2")), platform.lowering_for("cuda"):
-        compiled = jax.jit(layer).lower(x, ids, gates, *weights).compile()
-        _close(compiled(x, ids, gates, *weights), reference, "MoE layer traced for cuda on expert=4,tensor=2")
-    assert "all-to-all" in compiled.as_text()
+    calls = []
+    interpreted = splash.attend_splash
+
+    def on_cpu(*args, **kwargs):
+        calls.append(args[0].shape)
+        return interpreted(*args, **{**kwargs, "interpret": True})
+
+    monkeypatch.setattr(splash, "attend_splash", on_cpu)
+    config = gptoss_jax.load_config(CONFIG)
+    params = gptoss_jax.init_params(config, SEED, jnp.float32)
+    tokens = make_tokens(config, 8, 40)
+    reference = np.asarray(jax.jit(forward_fn(config))(params, tokens))
+    mesh = sharding.make_mesh("expert=4,tensor=2")
+    placed = jax.device_put(params, sharding.param_shardings(config, mesh))
+    with jax.set_mesh(mesh), platform.lowering_for("tpu"):
+        compiled = jax.jit(forward_fn(config)).lower(placed, tokens).compile()
+        assert_same_logits(compiled(placed, tokens), reference, "expert=4,tensor=2 traced for tpu")
+    assert calls and all(shape == (2, 40, 4, config.head_dim) for shape in calls), calls  # local shards
+    assert "all-to-all" in compiled.as_text()  # the exchange (traced for this CPU, it all-gathers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,8 @@ def test_forward_exported_under_presets(preset, target):
         _check_moe(module, config, mesh, prefill_sized, f"{preset} {target} {tokens}")
         if target == "cuda":
             assert "tpu_custom_call" not in module
+        else:  # splash per device (parallel.per_shard), sliding and full layers
+            assert module.count("tpu_custom_call") >= 2, f"{preset} {tokens}"
         if mesh.size > 1:
             assert "ragged_dot" in module  # the GPU/TPU grouped matmul, not the CPU's tiles
 

@@ -1,5 +1,8 @@
 """Every platform-dependent choice, behind plain functions (model code calls these, never names a platform).
 
+- `platform`: the platforms being traced for (the default backend's, or `platform.lowering_for`'s:
+  an export for TPU / CUDA from a CPU host, or a CPU test of another platform's branches); every
+  choice below asks it.
 - `parallel`: the one reader of the mesh context (`jax.set_mesh`); what `gptoss_jax.sharding` plugs in.
 - `bits`: bfloat16 weights passed to jitted steps as their raw bits on CPU.
 - `matmul`: projections, the unembedding, the grouped expert matmul; typed weights (quantized,

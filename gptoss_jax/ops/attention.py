@@ -3,7 +3,7 @@ softmax attention with a learned sink, masked by positions (causal, optional sli
 optionally by segment ids (examples packed in one row).
 
 `attend` is the one entry point; it picks the backend: `splash` (the Pallas kernel) for TPU
-self-attention on one device, else `blockwise` (pure JAX, memory linear in the context: CPU, GPU,
+self-attention (on a mesh: per device, `parallel.per_shard`), else `blockwise` (pure JAX, memory linear in the context: CPU, GPU,
 and TPU's fallback). `attend_dense` builds the whole score matrix: the tests' oracle, never used
 by the model. The platform is `ops.platform.targets()`: the default backend's, or the one
 `platform.lowering_for` names (exporting for TPU from a CPU host); splash is not even traced for
@@ -68,15 +68,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_positio
 
     `in_order`: the keys are the queries, and valid positions advance by one along each row within
     each segment (forward without a cache, training rows; padding anywhere), so a kernel may mask
-    by index: TPU then uses splash on one device. `layer`: k and v are a KV cache's every layer
-    [layers, b, k, s, h] (possibly bfloat16 bits), read at `layer` in place."""
+    by index: TPU then uses splash (on a mesh, per device on its shards). `layer`: k and v are a
+    KV cache's every layer [layers, b, k, s, h] (possibly bfloat16 bits), read at `layer` in place."""
     def by_blocks() -> jax.Array:
         block = 128 if window is not None else 512  # a sliding query block then visits at most 2 key blocks
         return blockwise.attend(q, k, v, sinks, q_positions, k_positions, window, q_segments, k_segments,
                                 block_q=block, block_k=block, layer=layer)
 
-    if in_order and platform.targets() == ("tpu",) and parallel.current() is None:
-        return splash.attend_splash(q, k, v, sinks, q_positions, window, q_segments)
+    if in_order and platform.targets() == ("tpu",):
+        # on a mesh, per device on its shards: batch split as the activations, heads over tensor
+        # when query and KV heads split alike (else whole heads on every tensor shard)
+        heads = ("batch", "seq", "q_heads", "head_dim")
+        kv = ("batch", "kv_heads", "seq", "head_dim")
+        if q_segments is None:
+            return parallel.per_shard(lambda q, k, v, s, p: splash.attend_splash(q, k, v, s, p, window),
+                                      (q, k, v, sinks, q_positions), (heads, kv, kv, ("q_heads",), ("batch", "seq")),
+                                      tied=((0, 2), (1, 1), (2, 1), (3, 0)))
+        return parallel.per_shard(lambda q, k, v, s, p, g: splash.attend_splash(q, k, v, s, p, window, g),
+                                  (q, k, v, sinks, q_positions, q_segments),
+                                  (heads, kv, kv, ("q_heads",), ("batch", "seq"), ("batch", "seq")),
+                                  tied=((0, 2), (1, 1), (2, 1), (3, 0)))
     return by_blocks()
 
 

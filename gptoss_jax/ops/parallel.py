@@ -33,6 +33,9 @@ class Distribution(Protocol):
                 gate_up_bias: jax.Array, down: Any, down_bias: jax.Array, *, alpha: float, limit: float,
                 layer: jax.Array | None) -> jax.Array: ...
 
+    def per_shard(self, fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], logical: tuple[Axes, ...],
+                  tied: tuple[tuple[int, int], ...] = ()) -> jax.Array: ...
+
 
 _factory: Callable[[Any], Distribution | None] | None = None
 _param_shardings: Callable[[Any, Any], Any] | None = None
@@ -70,6 +73,17 @@ def constrain(x: jax.Array, logical: Axes) -> jax.Array:
     """Sharding hint on activation x by logical axis names; x itself on one device."""
     distribution = current()
     return x if distribution is None else distribution.constrain(x, logical)
+
+
+def per_shard(fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], logical: tuple[Axes, ...],
+              tied: tuple[tuple[int, int], ...] = ()) -> jax.Array:
+    """fn(*args) computed per device on each device's shards of `args` (split by their logical axes
+    as activations are), its result shaped and split like args[0]: for a kernel that must see whole
+    local arrays (a Pallas call). `tied`: (argument, dimension) pairs that must be split alike (a
+    kernel's query heads and KV heads); where the rules would split them differently, none of them
+    is split. fn(*args) itself on one device."""
+    distribution = current()
+    return fn(*args) if distribution is None else distribution.per_shard(fn, args, logical, tied)
 
 
 def constrain_tree(tree: Any, logical: Any) -> Any:
