@@ -38,7 +38,8 @@ def worker(process_id: int, port: int, out: str, params_file: str) -> None:
 
     config = gptoss_jax.load_config("tiny-ep")
     params = jax.device_put(pickle.loads(Path(params_file).read_bytes()))  # the test's init_params: no compiling
-    engine = MultihostEngine(config, params, slots=2, max_context=64, prefill_chunk=16, steps_per_dispatch=4)
+    engine = MultihostEngine(config, params, slots=2, max_context=64, prefill_chunk=16, steps_per_dispatch=4,
+                             prefill_rows=1)  # one prefill program (multi-row prefill: tests/test_engine.py)
     client = distributed.global_state.client
     if process_id == 0:
         engine.warmup()  # compiles first; process 1 then reads the programs from the disk cache
