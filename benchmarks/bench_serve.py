@@ -36,6 +36,8 @@ aggregate tok/s, and our TTFT p99 at 16 clients <= transformers'.
 `--quick` runs a small config (2 layers, hidden 256, 8 experts) with 32-word prompts and 16 new
 tokens (a check of the script, about 2-3 minutes once its weights exist). `--json` writes every
 figure. If transformers' server cannot start or serve, its column says why (no figures are made up).
+The full run took 26 minutes on the shared 2-core machine (load average about 9), most of it ours at 1
+and 4 clients; --concurrency 16 --skip ... narrow it.
 """
 
 from __future__ import annotations
