@@ -53,8 +53,8 @@ LAYOUTS = {
     ("serve", 64): "data=8,expert=8",
     ("serve", 256): "data=32,expert=8",
     ("train", 8): "fsdp=2,expert=4",  # the gpu-8-train preset
-    ("train", 64): "fsdp=16,expert=4",
-    ("train", 256): "fsdp=64,expert=4",
+    ("train", 64): "data=8,fsdp=2,expert=4",  # (MXFP4 blocks of hidden: 90, so fsdp divides 90)
+    ("train", 256): "data=32,fsdp=2,expert=4",
 }
 CHIPS = {"v5e": 16 * GIB, "v5p": 95 * GIB, "H100": 81559 << 20, "H200": 143771 << 20}
 """Memory per chip (TPU: the HBM as Google gives it; GPU: nvidia-smi's total)."""
