@@ -41,13 +41,16 @@ def random_params(config):
 
 @pytest.fixture(scope="module")
 def live():
+    import jax
+
     from gptoss_jax.config import from_hf_dict
     from gptoss_jax.engine import Engine
     from gptoss_jax.serve import create_app
     from gptoss_jax.serve.server import BackgroundServer
 
     config = from_hf_dict(TINY_HARMONY, MODEL)
-    engine = Engine(config, random_params(config), slots=4, max_context=MAX_CONTEXT, prefill_chunk=128,
+    params = jax.device_put(random_params(config), jax.devices()[0])  # committed, as `load_model` gives them
+    engine = Engine(config, params, slots=4, max_context=MAX_CONTEXT, prefill_chunk=128,
                     steps_per_dispatch=2, max_queue=64)
     with BackgroundServer(create_app(engine, model_id=MODEL, max_context=MAX_CONTEXT)) as server:
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
@@ -125,7 +128,9 @@ def test_sixteen_concurrent_streams_complete_and_equal_each_request_alone(live):
     for seed in (0, 5, 10, 15):  # a spread of them alone (the engine's tests check every slot and mix)
         alone = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=1.0, seed=seed)
         assert together[seed] == (_text(alone.choices[0].message), alone.usage.completion_tokens), seed
-    assert _wait_idle(engine)["slots_in_use"] == 0
+    stats = _wait_idle(engine)
+    assert stats["slots_in_use"] == 0
+    assert stats["compilations_after_warmup"] == 0  # an engine without a mesh: warm-up compiled it all
 
 
 def test_responses_stream_store_and_prefix_cache(live):
@@ -181,6 +186,8 @@ def test_an_over_long_prompt_is_a_400_and_the_server_keeps_serving(live):
 
 def test_the_serve_command_compiles_in_the_background_then_serves(live, tmp_path, monkeypatch, capsys):
     from gptoss_jax import cli
+    import jax
+
     from gptoss_jax.config import from_hf_dict
     from gptoss_jax.serve.server import BackgroundServer
 

@@ -96,6 +96,20 @@ def test_parser_turns_malformed_output_into_content_and_never_raises():
         assert [p.text for p in parts] == texts, name
 
 
+def test_output_without_a_header_streams_from_its_first_token():
+    """Tokens after `<|start|>assistant` that cannot begin a header (no `<|channel|>`, `<|constrain|>`
+    or ` to=`) are content at once, not held back until MAX_HEADER_TOKENS have come; ones that can
+    (" to", then "=functions...") are still read as a header."""
+    stream = HarmonyStream(ENC)
+    first = stream.feed(ENC.encode_ordinary("Hello"))
+    assert [(e.type, e.text) for e in first] == [("begin", ""), ("delta", "Hello")]
+    call = ENC.encode_ordinary(" to=functions.get_weather") + [tok.CHANNEL] + ENC.encode_ordinary("commentary")
+    routed = HarmonyStream(ENC)
+    assert routed.feed(call[:1]) == [] and routed.feed(call[1:]) == []  # still a header: nothing yet
+    routed.feed([tok.MESSAGE] + ENC.encode_ordinary('{"city": "Paris"}') + [tok.CALL])
+    assert [(p.kind, p.name) for p in routed.parts] == [("tool_call", "get_weather")]
+
+
 def test_stop_strings_cut_the_content_across_token_boundaries():
     matcher = StopMatcher(("STOP", "xyz"))
     assert matcher.feed("abc ST") == "abc " and matcher.feed("O") == "" and matcher.feed("P later") == ""

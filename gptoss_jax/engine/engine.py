@@ -108,7 +108,9 @@ class Engine:
             "release": jax.jit(slot_ops.release, donate_argnums=0),
         }
         with self._in_mesh():
-            self._state = self._call("init")
+            # committed to its devices, as every later state (an output of a call on committed
+            # inputs) is: warm-up compiled for an uncommitted one recompiled at the first request
+            self._state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self._call("init"))
         self._cache_bytes = kv_cache.used_bytes(self._state["cache"])
         self._slots = [_Slot() for _ in range(slots)]
         self._queue: deque[_Request] = deque()

@@ -171,8 +171,17 @@ class HarmonyStream:
             self._state, self._header = "between", []
         else:
             self._header.append(token)
-            if len(self._header) > MAX_HEADER_TOKENS:
+            if len(self._header) > MAX_HEADER_TOKENS or not self._may_be_header():
                 self._plain_header(events, keep_open=True)
+
+    def _may_be_header(self) -> bool:
+        """Whether the tokens after a known role can still begin a header (`<|channel|>`,
+        `<|constrain|>` or ` to=`); if not they are content at once, not held back for
+        MAX_HEADER_TOKENS tokens (a stream without headers would arrive in one late burst)."""
+        if self._role is None or self._header[0] in (tok.CHANNEL, tok.CONSTRAIN):
+            return True
+        text = self.encoding.decode(self._header).lstrip()
+        return text.startswith("to=") or "to=".startswith(text)
 
     def _plain_header(self, events: list[Event], keep_open: bool) -> None:
         """A header that is not one: its text becomes content (left open to take what follows)."""
