@@ -92,16 +92,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         with _fix('pass --mesh as axis=size pairs whose sizes multiply to the device count, e.g. "expert=-1"'):
             mesh = make_mesh(args.mesh)
         jax.sharding.set_mesh(mesh)  # the model finds its mesh here (gptoss_jax.sharding)
-    if args.model.startswith("random:"):
-        import jax.numpy as jnp
+    import jax.numpy as jnp
 
+    dtype = jnp.dtype(args.dtype) if getattr(args, "dtype", None) else None
+    if args.model.startswith("random:"):
         from gptoss_jax.params import init_params
 
         config = _model_config(args)
-        return config, init_params(config, seed=args.seed, dtype=jnp.float32, mesh=mesh)
+        return config, init_params(config, seed=args.seed, dtype=dtype or jnp.float32, mesh=mesh)
     with _fix("pass a checkpoint directory from `gptoss-jax convert`, a Hugging Face gpt-oss directory, or "
               "random:CONFIG; a corrupt checkpoint needs a fresh download or `convert`"):
-        return load_model(args.model, mesh=mesh)
+        return load_model(args.model, mesh=mesh, dtype=dtype)
 
 
 def _model_config(args: argparse.Namespace) -> Any:
@@ -393,6 +394,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Orbax checkpoint from `gptoss-jax convert`, a Hugging Face directory, "
                         "or random:CONFIG (random weights, e.g. random:demo)")
     parser.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="weights' dtype (default: a checkpoint's own, bfloat16 for a Hugging Face "
+                             "directory, float32 for random:)")
 
 
 def build_parser() -> argparse.ArgumentParser:

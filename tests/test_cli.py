@@ -26,6 +26,19 @@ def test_generate_streams_text_and_chat_keeps_history(capsys, monkeypatch):
     assert capsys.readouterr().err.count("2 new tokens") == 2
 
 
+def test_dtype_flag_picks_the_weights_dtype():
+    """--dtype float32 loads a Hugging Face directory in float32 (bfloat16 without it; XLA:CPU runs
+    bfloat16 about half as fast); random: weights are float32 unless told otherwise."""
+    import numpy as np
+
+    tiny = str(Path(__file__).parent / "fixtures" / "tiny-a")
+    parse = lambda *extra: cli.build_parser().parse_args(["serve", *extra])  # noqa: E731
+    for args, want in [((tiny,), "bfloat16"), ((tiny, "--dtype", "float32"), "float32"),
+                       (("random:tiny-a",), "float32"), (("random:tiny-a", "--dtype", "bfloat16"), "bfloat16")]:
+        _, params = cli._load(parse(*args))
+        assert np.dtype(params["embed"].dtype) == np.dtype(want), args
+
+
 def test_bad_model_and_bad_sampling_get_clear_errors(capsys, tmp_path):
     assert cli.main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert f"gptoss-jax generate: error: {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
