@@ -270,6 +270,8 @@ def test_data_parallel_and_accumulated_steps_match_one_device():
         golden_params = golden.params(np.float32)
         if mesh is not None:
             start, golden_params = step_lib.replicate(start, mesh), step_lib.replicate(golden_params, mesh)
+        else:  # committed, as the step's outputs are: the compiled step then takes it as it is
+            start = jax.device_put(start, jax.local_devices()[0])
         local = {k: v.reshape(accum, 8 // accum, *v.shape[1:]) for k, v in golden_batch.items()}
         _, metrics = train_step.jitted(golden_params, start, step_lib.shard_batch(local, mesh))
         return np.array(losses), np.array(norms), (float(metrics["loss"]), float(metrics["grad_norm"]))

@@ -84,9 +84,12 @@ def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(config: Config, lc: LoraConfig, oc: OptimConfig, seed: int = 0) -> State:
-    """{"step": int32 scalar, "lora": fresh adapters, "opt": AdamW state for the adapters only}."""
+    """{"step": int32 scalar, "lora": fresh adapters, "opt": AdamW state for the adapters only},
+    committed to this process's first device, as the step's outputs are (an uncommitted first state
+    compiled the step a second time at step 2: 5 s for tiny-a, the longest compile of a run)."""
     lora = init_lora(config, lc, seed)
-    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": make_optimizer(oc).init(lora)}
+    state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": make_optimizer(oc).init(lora)}
+    return jax.device_put(state, jax.local_devices()[0])
 
 
 # ---------------------------------------------------------------------------------------------
