@@ -220,8 +220,10 @@ def test_prefix_reuse_prefills_only_the_new_tokens(engine, tiny, prompts):
 ])
 def test_bad_requests_are_refused_before_any_work(engine, prompt, settings, message):
     before = engine.stats()
-    with pytest.raises(Refused, match=message):
+    with pytest.raises(Refused, match=message) as err:
         engine.submit(prompt, RequestSettings(**{"max_tokens": 4, **settings}))
+    # the field at fault, for a server to name (the settings' field, or the prompt)
+    assert err.value.reason == "invalid" and err.value.field == next(iter(settings), "prompt"), err.value.field
     after = engine.stats()
     assert after["submitted"] == before["submitted"] and after["refused"] == before["refused"] + 1
 
@@ -234,19 +236,22 @@ def test_bad_requests_are_refused_before_any_work(engine, prompt, settings, mess
     ({"stop_tokens": (1, -3)}, "stop_tokens must be a tuple of token ids"),
 ])
 def test_bad_settings_are_refused(settings, message):
-    with pytest.raises(Refused, match=message):
+    with pytest.raises(Refused, match=message) as err:
         RequestSettings(**{"max_tokens": 4, **settings})
+    assert err.value.reason == "invalid" and err.value.field == next(iter(settings))
     assert issubclass(Refused, ValueError)
 
 
 def test_a_full_queue_and_a_reused_id_are_refused(engine, prompts):
     with nothing_compiles():
         handles = [engine.submit(prompts[0], greedy(4), request_id=f"q{i}") for i in range(6)]
-        with pytest.raises(Refused, match="the queue is full \\(6 requests waiting\\)"):
+        with pytest.raises(Refused, match="the queue is full \\(6 requests waiting\\)") as err:
             engine.submit(prompts[0], greedy(4))
+        assert err.value.reason == "busy"  # a server's 429
         engine.step()
-        with pytest.raises(Refused, match="request id 'q5' is already in use"):
+        with pytest.raises(Refused, match="request id 'q5' is already in use") as err:
             engine.submit(prompts[0], greedy(4), request_id="q5")
+        assert err.value.field == "request_id"
         engine.run_until_idle()
     assert all(h.finish_reason == "length" for h in handles)
     assert engine.submit(prompts[0], greedy(1), request_id="q5") is not None  # free again once finished

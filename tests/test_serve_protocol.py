@@ -323,13 +323,13 @@ class ScriptedEngine:
         self.ready, self.error = True, None
         self.submitted: list[tuple[list[int], RequestSettings, str]] = []
         self.cancelled: set[str] = set()
-        self.refuse: str | None = None
+        self.refuse: Refused | None = None
         self.fail = False  # end every request with "error" after its first chunk, as a dying engine does
         self._running = 0
 
     def submit(self, prompt, settings, request_id=None):
         if self.refuse:
-            raise Refused(self.refuse)
+            raise self.refuse
         self.submitted.append((list(prompt), settings, request_id))
         tokens = list(settings.forced_tokens) + self.script
         stop = next((i for i, t in enumerate(tokens) if t in settings.stop_tokens), None)
@@ -454,7 +454,7 @@ def test_bad_requests_get_400_in_openai_shape_and_unknown_fields_are_ignored(scr
             if status != 200:
                 error = reply.json()["error"]
                 assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
-        engine.refuse = "the queue is full (256 requests waiting); retry later"
+        engine.refuse = Refused("the queue is full (256 requests waiting); retry later", reason="busy")
         try:
             reply = http.post("/v1/chat/completions", json=ok)
         finally:

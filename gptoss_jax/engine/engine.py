@@ -192,10 +192,10 @@ class Engine:
         with self._lock:
             if len(self._queue) + len(self._inbox) >= self.max_queue:
                 self._counters["refused"] += 1
-                raise Refused(f"the queue is full ({self.max_queue} requests waiting); retry later")
+                raise Refused(f"the queue is full ({self.max_queue} requests waiting); retry later", reason="busy")
             if request.handle.request_id in self._live:
                 self._counters["refused"] += 1
-                raise Refused(f"request id {request.handle.request_id!r} is already in use")
+                raise Refused(f"request id {request.handle.request_id!r} is already in use", field="request_id")
             self._admit_locally(request)
         return request.handle
 
@@ -208,34 +208,34 @@ class Engine:
 
     def _validate(self, prompt: Sequence[int], settings: RequestSettings, request_id: str | None) -> _Request:
         if self.error is not None:
-            raise Refused(f"the engine has stopped after an error: {self.error!r}")
+            raise Refused(f"the engine has stopped after an error: {self.error!r}", reason="stopped")
         if not isinstance(settings, RequestSettings):
             raise Refused(f"settings must be a RequestSettings, got {type(settings).__name__}")
         if isinstance(prompt, (str, bytes)):
-            raise Refused("prompt must be a sequence of token ids, not a string")
+            raise Refused("prompt must be a sequence of token ids, not a string", field="prompt")
         tokens = list(prompt)
         if not tokens:
-            raise Refused("prompt is empty")
+            raise Refused("prompt is empty", field="prompt")
         vocab = self.config.vocab_size
         for i, token in enumerate(tokens):
             if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < vocab:
-                raise Refused(f"prompt token {token!r} at index {i} is not a token id in [0, {vocab})")
+                raise Refused(f"prompt token {token!r} at index {i} is not a token id in [0, {vocab})", field="prompt")
         tokens = [int(t) for t in tokens]
         if len(tokens) + settings.max_tokens > self.max_context:
             raise Refused(f"prompt of {len(tokens)} tokens + max_tokens {settings.max_tokens} exceeds the engine's "
-                          f"context of {self.max_context} positions")
+                          f"context of {self.max_context} positions", field="max_tokens")
         if len(settings.stop_tokens) > self.max_stop_tokens:
             raise Refused(f"stop_tokens holds {len(settings.stop_tokens)} tokens; the engine takes at most "
-                          f"{self.max_stop_tokens}")
+                          f"{self.max_stop_tokens}", field="stop_tokens")
         if len(settings.forced_tokens) > self.max_forced_tokens:
             raise Refused(f"forced_tokens holds {len(settings.forced_tokens)} tokens; the engine takes at most "
-                          f"{self.max_forced_tokens}")
+                          f"{self.max_forced_tokens}", field="forced_tokens")
         for name in ("forced_tokens", "allowed_tokens"):
             bad = [t for t in getattr(settings, name) or () if t >= vocab]
             if bad:
-                raise Refused(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+                raise Refused(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})", field=name)
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
-            raise Refused(f"request_id must be a non-empty string or None, got {request_id!r}")
+            raise Refused(f"request_id must be a non-empty string or None, got {request_id!r}", field="request_id")
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         handle = Handle(request_id if request_id is not None else f"req-{next(self._ids)}", len(tokens))
         return _Request(handle, tokens, settings, seed)

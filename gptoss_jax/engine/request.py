@@ -12,7 +12,13 @@ from gptoss_jax.tokenizer import STOP_TOKENS
 
 
 class Refused(ValueError):
-    """A request the engine will not take (the message says why), raised before any work."""
+    """A request the engine will not take, raised before any work: the message says why, `reason`
+    what kind of refusal it is ("invalid": the request itself, "busy": the queue is full, retry
+    later; "stopped": the engine failed), and `field` which request field is at fault (or None)."""
+
+    def __init__(self, message: str, *, reason: str = "invalid", field: str | None = None):
+        super().__init__(message)
+        self.reason, self.field = reason, field
 
 
 def _integer(value: object) -> bool:
@@ -40,24 +46,24 @@ class RequestSettings:
 
     def __post_init__(self) -> None:
         if not _integer(self.max_tokens) or self.max_tokens < 1:
-            raise Refused(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise Refused(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", field="max_tokens")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise Refused(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise Refused(f"temperature must be a finite number >= 0, got {self.temperature!r}", field="temperature")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise Refused(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise Refused(f"top_p must be in (0, 1], got {self.top_p!r}", field="top_p")
         if not _integer(self.top_k) or self.top_k < 0:
-            raise Refused(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+            raise Refused(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}", field="top_k")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
-            raise Refused(f"min_p must be in [0, 1), got {self.min_p!r}")
+            raise Refused(f"min_p must be in [0, 1), got {self.min_p!r}", field="min_p")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2 ** 64):
-            raise Refused(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+            raise Refused(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}", field="seed")
         for name in ("stop_tokens", "forced_tokens") + (("allowed_tokens",) if self.allowed_tokens is not None else ()):
             tokens = getattr(self, name)
             if not isinstance(tokens, (tuple, list)) or not all(_integer(t) and t >= 0 for t in tokens):
-                raise Refused(f"{name} must be a tuple of token ids >= 0, got {tokens!r}")
+                raise Refused(f"{name} must be a tuple of token ids >= 0, got {tokens!r}", field=name)
             object.__setattr__(self, name, tuple(tokens))
         if self.allowed_tokens is not None and not self.allowed_tokens:
-            raise Refused("allowed_tokens must not be empty (None: every token allowed)")
+            raise Refused("allowed_tokens must not be empty (None: every token allowed)", field="allowed_tokens")
 
 
 class Handle:

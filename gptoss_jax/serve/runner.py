@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
@@ -39,15 +38,15 @@ def check_available(engine: EngineLike) -> None:
         raise unavailable("the engine is still compiling; retry shortly")
 
 
-def refused(err: Exception, max_param: str) -> APIError:
-    """The engine's refusal as an API error: 429 for a full queue, else a 400 naming the field."""
+def refused(err: Any, max_param: str) -> APIError:
+    """The engine's refusal (`Refused`: reason, field) as an API error: 429 when it is busy, 503
+    when it has stopped, else a 400 naming the request parameter at fault."""
     text = str(err)
-    if re.search(r"queue is full", text, re.IGNORECASE):
+    if err.reason == "busy":
         return overloaded(f"the server is busy: {text}")
-    if re.search(r"engine has stopped", text, re.IGNORECASE):
+    if err.reason == "stopped":
         return unavailable(text, 30)
-    field_name = next((f for f in _PARAMS if re.search(rf"\b{f}\b", text)), None)
-    param = max_param if field_name == "max_tokens" else field_name
+    param = max_param if err.field == "max_tokens" else err.field if err.field in _PARAMS else None
     return bad_request(text, param)
 
 
