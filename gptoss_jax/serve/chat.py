@@ -22,6 +22,16 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class SamplingFields(RequestModel):
+    """The sampling fields Chat Completions and Responses share (top_k and min_p are extensions)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+
+
 class ContentPart(RequestModel):
     type: str
     text: str | None = None
@@ -83,20 +93,15 @@ class ResponseFormat(RequestModel):
     json_schema: JSONSchemaFormat | None = None
 
 
-class ChatRequest(RequestModel):
+class ChatRequest(SamplingFields):
     """The fields of ``POST /v1/chat/completions`` this server reads (the rest are ignored)."""
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension
-    min_p: float | None = None  # an extension
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None

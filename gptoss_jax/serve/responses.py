@@ -13,7 +13,7 @@ from pydantic import Field
 
 from gptoss_jax import harmony
 from gptoss_jax.serve import prompting
-from gptoss_jax.serve.chat import RequestModel
+from gptoss_jax.serve.chat import RequestModel, SamplingFields
 from gptoss_jax.serve.errors import APIError, bad_request
 from gptoss_jax.serve.streaming import Event, HarmonyStream, Part
 
@@ -62,18 +62,13 @@ class TextConfig(RequestModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(RequestModel):
-    """The fields of ``POST /v1/responses`` this server reads (the rest are ignored)."""
+class ResponsesRequest(SamplingFields):
+    """The fields of ``POST /v1/responses`` this server reads (the rest are ignored; seed is an extension)."""
 
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension
-    min_p: float | None = None  # an extension
-    seed: int | None = None  # an extension
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool = True
