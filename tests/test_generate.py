@@ -14,6 +14,7 @@ from conftest import assert_close_to_reference
 import gptoss_jax
 from gptoss_jax import cache as kv_cache
 from gptoss_jax.ops.bits import as_bits
+from gptoss_jax.ops.parallel import param_shardings
 from gptoss_jax.generate import (
     Sampling,
     _bucket,
@@ -176,9 +177,10 @@ def test_generation_on_a_mesh_equals_one_device():
 
     config = gptoss_jax.load_config("tiny-ep")
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 10, 11]]
-    expected = generate(config, gptoss_jax.init_params(config, 0, jnp.float32), prompts, 12, stop_tokens=[])
+    params = gptoss_jax.init_params(config, 0, jnp.float32)
+    expected = generate(config, params, prompts, 12, stop_tokens=[])
     mesh = make_mesh("expert=4,tensor=2")
-    params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
+    params = jax.device_put(params, param_shardings(config, mesh))  # (sharded init: tests/test_sharding.py)
     with jax.set_mesh(mesh):
         assert generate(config, params, prompts, 12, stop_tokens=[]) == expected
 
@@ -288,9 +290,10 @@ def test_cache_is_sharded_on_a_mesh(spec, devices):
 
     config = gptoss_jax.load_config("tiny-ep")  # 2 KV heads
     prompts, new = [[1, 2, 3, 4, 5, 6, 7], [9, 10, 11]], 30  # a 64-slot cache; batch 2: not split over expert
-    expected_tokens = generate(config, gptoss_jax.init_params(config, 0, jnp.float32), prompts, new, stop_tokens=[])
+    params = gptoss_jax.init_params(config, 0, jnp.float32)
+    expected_tokens = generate(config, params, prompts, new, stop_tokens=[])
     mesh = make_mesh(spec, devices=jax.devices()[:devices])
-    params = gptoss_jax.init_params(config, 0, jnp.float32, mesh=mesh)
+    params = jax.device_put(params, param_shardings(config, mesh))
     layout = {"k": jax.P(None, "data", "tensor", None, None), "v": jax.P(None, "data", "tensor", None, None),
               "positions": jax.P("data", None)}
     sampling, key = Sampling(), jax.random.key(0)

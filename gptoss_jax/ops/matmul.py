@@ -176,7 +176,8 @@ def _index_group(leaf: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
     """leaf[index] for leading indices (layer, group) or (group,), read in place."""
     rest = leaf.shape[len(index):]
     start = (*index, *(jnp.zeros((), jnp.int32),) * len(rest))
-    return jax.lax.dynamic_slice(leaf, start, (*(1,) * len(index), *rest)).reshape(rest)
+    return jax.lax.dynamic_slice(leaf, start, (*(1,) * len(index), *rest),
+                                 allow_negative_indices=False).reshape(rest)
 
 
 def _group_product(x_tile: jax.Array, w: Weight, index: tuple[jax.Array, ...]) -> jax.Array:
