@@ -145,8 +145,9 @@ def test_lora_on_a_frozen_mxfp4_base_equals_the_dequantized_base(tiny):
              "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
              "weights": (rng.random((2, 16)) < 0.7).astype(np.float32)}
 
-    def loss_and_grads(cfg, base):
-        return jax.jit(jax.value_and_grad(lambda a: step_lib.loss_fn(cfg, base, a, lc, batch, loss_chunk=16)))(lora)
+    def loss_and_grads(cfg, base):  # weights and batch as arguments, not constants of the program
+        objective = lambda a, base, batch: step_lib.loss_fn(cfg, base, a, lc, batch, loss_chunk=16)  # noqa: E731
+        return jax.jit(jax.value_and_grad(objective))(lora, base, batch)
 
     loss, grads = loss_and_grads(config, params)
     dense_loss, dense_grads = loss_and_grads(dense_config, dense_params)
