@@ -11,6 +11,7 @@ k KV heads, g query heads per KV head, h head dim, e experts, v vocabulary.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -32,15 +33,18 @@ CacheView = tuple[jax.Array, jax.Array, jax.Array]
 slots [b, t], slot positions after it [b, s])."""
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+def _random(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    """Uniform in +-sqrt(3) std (standard deviation `std`): a normal's inverse-erf transform made
+    compiling a model's initialization a third slower (tiny-a at -O0: 3.1 s against 2.0 s)."""
+    bound = std * math.sqrt(3.0)
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
             fan_in: int | None = None, std: float | None = None) -> nnx.Param:
-    """Declares one weight: random normal init with std `std` or `fan_in ** -0.5`."""
+    """Declares one weight: random init with standard deviation `std` or `fan_in ** -0.5`."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(_normal(rngs, shape, std if std is not None else fan_in ** -0.5, dtype), axes=axes)
+    return nnx.Param(_random(rngs, shape, std if std is not None else fan_in ** -0.5, dtype), axes=axes)
 
 
 def _check_no_cache_with_segments(has_cache: bool, segments: jax.Array | None) -> None:
@@ -56,7 +60,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, config: Config, rngs: nnx.Rngs):
         self.eps = config.rms_eps
         self.scale = nnx.Param(jnp.ones((config.hidden,), jnp.float32)
-                               + _normal(rngs, (config.hidden,), 0.1, jnp.float32), axes=("embed",))
+                               + _random(rngs, (config.hidden,), 0.1, jnp.float32), axes=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> [..., d]."""

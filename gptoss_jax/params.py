@@ -59,7 +59,7 @@ def logical_axes(config: Config) -> Params:
 
 def init_params(config: Config, seed: int = 0, dtype: Any = jnp.bfloat16, mesh: jax.sharding.Mesh | None = None
                 ) -> Params:
-    """Random weights for `config` (normal, fan-in scaled; biases and sinks nonzero). Norm scales
+    """Random weights for `config` (uniform, fan-in scaled; biases and sinks nonzero). Norm scales
     stay float32 whatever `dtype`, as in the released checkpoints' transformers model.
 
     With `mesh` (from `gptoss_jax.sharding.make_mesh`), each weight is created directly in its
