@@ -38,6 +38,15 @@ def subprocess_env(devices: int = 8) -> dict[str, str]:
             "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
             "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow (20 s and more, none sharing a module-scoped fixture) run first: xdist hands
+    each worker a contiguous half of this order and steals from their ends, so a long test left for
+    the end would hold one worker while the other idles (the 2-process training test: 40 s)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 TINY_CONFIGS = ("tiny-a", "tiny-b")
 
 

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_accelerator  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_run_on_cpu(tmp_path):
     out = tmp_path / "result.json"
     result = bench_accelerator.main(["--quick", "--config", "tiny-mxfp4", "--batches", "1", "--prefill", "32",

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 HOT = dict(temperature=0.9, top_k=40, top_p=0.9, seed=5)
 
@@ -76,6 +77,7 @@ def _spawn(process_id: int, port: int, out: Path, params_file: Path) -> subproce
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_run_one_schedule(tmp_path):
     import gptoss_jax
 

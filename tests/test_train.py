@@ -208,6 +208,7 @@ def _fixed_batch(config, rows=8, seq=16, accum=1, seed=0):
             "positions": _positions(tokens[..., :-1])}
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_eight_examples():
     config = gptoss_jax.load_config("tiny-a")
     params = gptoss_jax.init_params(config, seed=0, dtype=jnp.float32)
@@ -231,6 +232,7 @@ def test_tiny_model_overfits_eight_examples():
     assert jax.tree.structure(state["opt"][1][0].mu) == jax.tree.structure(state["lora"])
 
 
+@pytest.mark.slow
 def test_data_parallel_and_accumulated_steps_match_one_device():
     """data=8 (shard_map, psum) and 2 micro-batches of 4 give the one-device 1 x 8 step: losses and
     gradient norms at every step; and each, from peft's adapter on the golden batch, gives transformers
@@ -470,6 +472,7 @@ def test_packed_row_logits_equal_each_example_alone():
     assert np.isfinite(logits).all()  # padding queries attend to nothing: the sink keeps them finite
 
 
+@pytest.mark.slow
 def test_packed_batch_loss_and_lora_gradients_equal_padded():
     """The same six examples packed three to a row, or padded one per row: equal loss (sum of
     weighted token losses / sum of weights) and LoRA gradients (attention, experts, router)."""
@@ -661,6 +664,7 @@ def _counting_train_steps(monkeypatch):
         yield ran
 
 
+@pytest.mark.slow
 def test_finetune_killed_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
     """Killed (SIGKILL) after step 5, with checkpoints at 2 and 4: --resume restores step 4 and takes
     steps 5..8 only (the state's step counter 4..7), logging the uninterrupted run's losses (which a
