@@ -46,7 +46,7 @@ def read(table: jax.Array, index: Any = None) -> jax.Array:
 def take(table: jax.Array, index: Any) -> jax.Array:
     """table[index]; a scalar integer index (a layer, a group: never negative here) as one
     dynamic_slice, without the negative-index arithmetic `table[index]` traces for every dimension
-    (11 operations -> 2 per read: a third of a tiny model's forward program, traced and compiled
+    (11 operations -> 2 per read: a fifth of a tiny model's forward program, traced and compiled
     in every step)."""
     if isinstance(index, (int, np.integer)) and index >= 0 or (
             isinstance(index, jax.Array) and index.ndim == 0 and jnp.issubdtype(index.dtype, jnp.integer)):
