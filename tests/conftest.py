@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("GPTOSS_JAX_TEST_CACHE", str(Path.home() / ".cache" / "gptoss-jax-tests" / "xla")))
+TEST_CACHE = os.environ.get("GPTOSS_JAX_TEST_CACHE", str(Path.home() / ".cache" / "gptoss-jax-tests" / "xla"))
+jax.config.update("jax_compilation_cache_dir", TEST_CACHE)
+os.environ.setdefault("GPTOSS_JAX_NATIVE_CACHE", TEST_CACHE + "-native")  # the CPU kernels' build (ops/native.py)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # subprocess tests reuse it all
 
 FIXTURES = Path(__file__).parent / "fixtures"

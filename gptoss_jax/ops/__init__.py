@@ -9,5 +9,7 @@
   LoRA-adapted) are read here.
 - `attention`: rotary embeddings and attention with sinks (`blockwise`, pure JAX; `splash`, the TPU kernel).
 - `mxfp4`: the MXFP4 matmul kernel (pure JAX).
+- `native`: native CPU kernels (`cpu_kernels.cc` through `jax.ffi`, built on first use): the grouped
+  expert matmul over float32 / bfloat16 weights read in place.
 - `collectives`: ragged all-to-all (native, or a stand-in on CPU).
 """

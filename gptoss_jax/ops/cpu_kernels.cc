@@ -1,0 +1,165 @@
+// CPU kernels behind gptoss_jax.ops (an XLA FFI library, built on first use by ops/native.py with
+// -O3 -march=native for the machine it runs on).
+//
+// gptoss_grouped_matmul: y [m, out] (float32) = rows of x [m, in] (float32), grouped consecutively by
+// group_sizes [g], times w[layer, group] for w [layers, g, in, out] in float32 or bfloat16 (or its
+// uint16 bits); rows past the last group are zero. The weight is read where it lies: XLA:CPU copies
+// each expert's slice before its dot, which holds a decode step to about a third of the memory
+// bandwidth (bench config, 8 layers' gate_up, batch 1: 40.6 ms tiled, 13.6 ms here).
+//
+// Four rows at a time, 64 output columns at a time: 4 x 64 float32 accumulators stay in registers
+// while each weight row segment is loaded once per four rows. Columns are split between threads.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kRows = 4;
+constexpr int kColumns = 64;
+
+// GCC / Clang vector types: 16 floats, compiled to one AVX-512 register or two AVX2 ones.
+typedef float F16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+typedef uint32_t U16x __attribute__((vector_size(64)));
+
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline F16 Load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline F16 Load16(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of each word
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<F16>(__builtin_convertvector(h, U16x) << 16);
+}
+
+// y[r, c:c+64] = sum_i x[r, i] * w[i, c:c+64] for r < R: R x 4 accumulators in registers.
+template <int R, typename W>
+void Block64(const float* x, int64_t in, const W* w, int64_t out, float* y) {
+  F16 acc[R][4] = {};
+  for (int64_t i = 0; i < in; ++i) {
+    const W* wr = w + i * out;
+    const F16 w0 = Load16(wr), w1 = Load16(wr + 16), w2 = Load16(wr + 32), w3 = Load16(wr + 48);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * in + i];
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
+      acc[r][2] += xv * w2;
+      acc[r][3] += xv * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * out, acc[r], sizeof acc[r]);
+}
+
+// The same for fewer than 64 columns (a matrix's last ones), one value at a time.
+template <typename W>
+void BlockTail(const float* x, int rows, int64_t in, const W* w, int64_t out, float* y, int64_t n) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < in; ++i) sum += x[r * in + i] * Widen(w[i * out + c]);
+      y[r * out + c] = sum;
+    }
+  }
+}
+
+template <typename W>
+void Block(const float* x, int rows, int64_t in, const W* w, int64_t out, float* y, int64_t c0, int64_t c1) {
+  if (c1 - c0 < kColumns) return BlockTail(x, rows, in, w + c0, out, y + c0, c1 - c0);
+  switch (rows) {
+    case 1: return Block64<1>(x, in, w + c0, out, y + c0);
+    case 2: return Block64<2>(x, in, w + c0, out, y + c0);
+    case 3: return Block64<3>(x, in, w + c0, out, y + c0);
+    default: return Block64<4>(x, in, w + c0, out, y + c0);
+  }
+}
+
+template <typename W>
+void Columns(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64_t m, int64_t in,
+             int64_t out, float* y, int64_t c0, int64_t c1) {
+  int64_t start = 0;
+  for (int64_t g = 0; g < groups && start < m; ++g) {
+    const int64_t n = std::min<int64_t>(std::max<int32_t>(sizes[g], 0), m - start);
+    const W* wg = w + g * in * out;
+    for (int64_t r = 0; r < n; r += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r));
+      for (int64_t c = c0; c < c1; c += kColumns) {
+        Block(x + (start + r) * in, rows, in, wg, out, y + (start + r) * out, c, std::min(c + kColumns, c1));
+      }
+    }
+    start += n;
+  }
+}
+
+template <typename W>
+void Run(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64_t m, int64_t in, int64_t out,
+         float* y) {
+  std::memset(y, 0, sizeof(float) * m * out);
+  // Threads only where the work pays for starting them (~20 us each).
+  const int64_t work = m * in * out;
+  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t blocks = (out + kColumns - 1) / kColumns;
+  const int threads = work < (int64_t{1} << 20) ? 1 : static_cast<int>(std::min<int64_t>(hardware, blocks));
+  const int64_t per = (blocks + threads - 1) / threads * kColumns;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t c0 = t * per, c1 = std::min(out, c0 + per);
+    if (c0 < c1) pool.emplace_back(Columns<W>, x, w, sizes, groups, m, in, out, y, c0, c1);
+  }
+  Columns<W>(x, w, sizes, groups, m, in, out, y, 0, std::min(out, per));
+  for (auto& thread : pool) thread.join();
+}
+
+ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                         ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[2] != xd[1] || group_sizes.dimensions().size() != 1 ||
+      group_sizes.dimensions()[0] != wd[1]) {
+    return ffi::Error::InvalidArgument("gptoss_grouped_matmul: x [m, in], w [layers, g, in, out], group_sizes [g]");
+  }
+  const int64_t m = xd[0], in = xd[1], layers = wd[0], groups = wd[1], out = wd[3];
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1);
+  const int64_t offset = l * groups * in * out;
+  const int32_t* sizes = group_sizes.typed_data();
+  switch (w.element_type()) {
+    case ffi::F32:
+      Run(x.typed_data(), static_cast<const float*>(w.untyped_data()) + offset, sizes, groups, m, in, out,
+          y->typed_data());
+      break;
+    case ffi::BF16:
+    case ffi::U16:
+      Run(x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()) + offset, sizes, groups, m, in, out,
+          y->typed_data());
+      break;
+    default:
+      return ffi::Error::InvalidArgument("gptoss_grouped_matmul: w must be float32, bfloat16 or its uint16 bits");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossGroupedMatmul, GroupedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

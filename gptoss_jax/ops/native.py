@@ -1,0 +1,126 @@
+"""Native CPU kernels (`cpu_kernels.cc`, an XLA FFI library): built on first use, optional.
+
+The library is compiled once per machine with the C++ compiler found (`$CXX`, else `g++` / `c++`),
+`-O3 -march=native`, into `$GPTOSS_JAX_NATIVE_CACHE` (default `~/.cache/gptoss-jax/native`; written
+to a temporary name, then renamed), keyed by the source, the jaxlib version and the CPU's flags.
+Without a compiler, or if the build fails, `available()` is False (said once in the log) and `ops`
+keeps its pure-JAX paths; `GPTOSS_JAX_NATIVE=0` turns the kernels off.
+
+`grouped_matmul` is `ops.matmul.grouped_matmul`'s CPU forward for plain float32 / bfloat16 expert
+weights; its gradient is the pure-JAX path's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform as host
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGET = "gptoss_grouped_matmul"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return host.processor()
+
+
+def _compiler() -> str | None:
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+def _build(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        partial = Path(tmp) / library.name
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                   f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial), "-lpthread"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, library)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the kernels are built, loaded and registered with XLA (building them if needed)."""
+    if os.environ.get("GPTOSS_JAX_NATIVE", "1") == "0":
+        return False
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("gptoss-jax: no C++ compiler found ($CXX, g++, c++, clang++): CPU expert matmuls "
+                    "take the slower pure-JAX path")
+        return False
+    import jaxlib
+
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("GPTOSS_JAX_NATIVE_CACHE", Path.home() / ".cache" / "gptoss-jax" / "native"))
+    library = cache / f"cpu_kernels-{key}.so"
+    try:
+        if not library.exists():
+            _build(compiler, library)
+        handle = ctypes.cdll.LoadLibrary(str(library))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.GptossGroupedMatmul), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("gptoss-jax: native CPU kernels unavailable (%s): CPU expert matmuls take the slower "
+                    "pure-JAX path", error)
+        return False
+    return True
+
+
+def supports(w: Any) -> bool:
+    """Whether `grouped_matmul` takes this weight (a plain float32 / bfloat16 / bfloat16-bits array)."""
+    return isinstance(w, jax.Array) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) and w.ndim in (3, 4)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None,
+                   reference: Callable[..., jax.Array]) -> jax.Array:
+    """x [m, in] grouped by group_sizes [g] times w [g, in, out] (or [layers, g, in, out] at `layer`)
+    -> float32 [m, out], zero past the last group. `reference(x, w, group_sizes, layer)` computes the
+    same in pure JAX: its derivative is this one's."""
+    return _product(reference, x, w, group_sizes, layer)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _product(reference: Callable[..., jax.Array], x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+             layer: jax.Array | None) -> jax.Array:
+    del reference
+    stacked = w if layer is not None else w[None]
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32))
+    return call(x.astype(jnp.float32), stacked, index, group_sizes.astype(jnp.int32))
+
+
+def _forward(reference: Callable[..., jax.Array], x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+             layer: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return _product(reference, x, w, group_sizes, layer), (x, w, group_sizes, layer)
+
+
+def _backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax.Array) -> tuple:
+    x, w, group_sizes, layer = saved
+    dx, dw = jax.vjp(lambda x, w: reference(x, w, group_sizes, layer), x, w)[1](dy)
+    return dx, dw, None, None
+
+
+_product.defvjp(_forward, _backward)

@@ -1,0 +1,104 @@
+"""The native CPU grouped matmul (`ops.native`, `ops/cpu_kernels.cc`) against the pure-JAX tiled one:
+values (float32, bfloat16, bfloat16 bits; one layer or stacked; empty groups, rows past the last
+group, column tails, threaded sizes), gradients, where the model uses it, and its fallbacks."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gptoss_jax
+from gptoss_jax.ops import matmul, native, platform
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the kernels are not built")
+
+
+def _tiled(x, w, group_sizes, layer):
+    return matmul._tiled_grouped_matmul(x, w, group_sizes, layer=layer)
+
+
+def _case(rows, in_, out, sizes, layers=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (len(sizes), in_, out) if layers is None else (layers, len(sizes), in_, out)
+    w = jnp.asarray(rng.standard_normal(shape, np.float32) * in_ ** -0.5)
+    x = jnp.asarray(rng.standard_normal((rows, in_), np.float32))
+    return x, w, jnp.asarray(sizes, jnp.int32)
+
+
+CASES = {
+    # rows, in, out, group sizes: 1-4 rows per group (each register block), empty groups, a column tail
+    "small": (11, 24, 88, [1, 0, 4, 3, 0, 2], None),
+    # 64 + 66 columns, 7 rows in one group (4 + 3), 2 rows past the last group (zero)
+    "tail and padding": (13, 40, 130, [0, 7, 4, 0], None),
+    # stacked layers, and enough work for the threads (m x in x out >= 2^20)
+    "stacked, threaded": (37, 160, 200, [9, 0, 5, 23], 3),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bits"])
+def test_values_equal_the_tiled_grouped_matmul(name, dtype):
+    rows, in_, out, sizes, layers = CASES[name]
+    x, w, group_sizes = _case(rows, in_, out, sizes, layers)
+    if dtype != "float32":
+        w = w.astype(jnp.bfloat16)
+    if dtype == "bits":
+        w = jax.lax.bitcast_convert_type(w, jnp.uint16)  # as `ops.bits.as_bits` passes them
+    layer = None if layers is None else jnp.int32(layers - 1)
+    got = jax.jit(lambda x, w, s: native.grouped_matmul(x, w, s, layer, reference=_tiled))(x, w, group_sizes)
+    want = jax.jit(lambda x, w, s: _tiled(x, w, s, layer))(x, w, group_sizes)
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), (name, dtype)
+    used = sum(sizes)
+    assert np.all(got[used:] == 0) and np.all(np.abs(got[:used]).max(axis=1) > 0)
+
+
+def test_gradients_are_the_tiled_ones():
+    rows, in_, out, sizes, layers = CASES["stacked, threaded"]
+    x, w, group_sizes = _case(rows, in_, out, sizes, layers, seed=1)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((rows, out), np.float32))
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) * cotangent), argnums=(0, 1)))(x, w)
+
+    got = grads(lambda x, w: native.grouped_matmul(x, w, group_sizes, jnp.int32(1), reference=_tiled))
+    want = grads(lambda x, w: _tiled(x, w, group_sizes, jnp.int32(1)))
+    for g, r, what in zip(got, want, ("dx", "dw")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=what)
+
+
+def test_the_model_runs_it_on_cpu_only_where_it_applies():
+    """A CPU program holds the custom call; one traced for TPU does not (an export must not carry it)."""
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.abstract_params(config, jnp.float32)
+    tokens = jax.ShapeDtypeStruct((2, 40), jnp.int32)
+    forward = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
+    assert native.TARGET in forward.lower(params, tokens).as_text()
+    with platform.lowering_for("tpu"):
+        assert native.TARGET not in jax.export.export(forward, platforms=["tpu"])(params, tokens).mlir_module()
+
+
+def test_fallbacks_say_why(monkeypatch, tmp_path, caplog):
+    """GPTOSS_JAX_NATIVE=0 turns the kernels off; a missing or failing compiler leaves the pure-JAX
+    path with one warning naming the cause, and no half-written library."""
+    monkeypatch.setenv("GPTOSS_JAX_NATIVE_CACHE", str(tmp_path / "native"))
+    try:
+        native.available.cache_clear()
+        monkeypatch.setenv("GPTOSS_JAX_NATIVE", "0")
+        assert not native.available()
+        monkeypatch.delenv("GPTOSS_JAX_NATIVE")
+        for compiler, message in [(str(tmp_path / "no-such-compiler"), "no C++ compiler found"),
+                                  ("false", "native CPU kernels unavailable")]:
+            native.available.cache_clear()
+            monkeypatch.setenv("CXX", compiler)
+            with caplog.at_level(logging.WARNING, logger=native.__name__):
+                assert not native.available()
+            assert message in caplog.text, caplog.text
+            caplog.clear()
+        assert not list((tmp_path / "native").glob("*.so"))
+    finally:
+        native.available.cache_clear()
+        monkeypatch.undo()
+        assert native.available()
