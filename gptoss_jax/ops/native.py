@@ -79,6 +79,7 @@ def available() -> bool:
     library = cache / f"cpu_kernels-{key}.so"
     try:
         if not library.exists():
+            log.info("gptoss-jax: building the native CPU kernels (once per machine) into %s", library)
             _build(compiler, library)
         handle = ctypes.cdll.LoadLibrary(str(library))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.GptossGroupedMatmul), platform="cpu")
