@@ -70,14 +70,16 @@ def test_gradients_are_the_tiled_ones():
 
 
 def test_the_model_runs_it_on_cpu_only_where_it_applies():
-    """A CPU program holds the custom call; one traced for TPU does not (an export must not carry it)."""
+    """A CPU decode step (6 expert rows over 7 experts) holds the custom call; a prefill (240 rows:
+    the tiles do better) and a program traced for TPU (an export must not carry it) do not."""
     config = gptoss_jax.load_config("tiny-a")
     params = gptoss_jax.abstract_params(config, jnp.float32)
-    tokens = jax.ShapeDtypeStruct((2, 40), jnp.int32)
+    decode, prefill = jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 40), jnp.int32)
     forward = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
-    assert native.TARGET in forward.lower(params, tokens).as_text()
+    assert native.TARGET in forward.lower(params, decode).as_text()
+    assert native.TARGET not in forward.lower(params, prefill).as_text()
     with platform.lowering_for("tpu"):
-        assert native.TARGET not in jax.export.export(forward, platforms=["tpu"])(params, tokens).mlir_module()
+        assert native.TARGET not in jax.export.export(forward, platforms=["tpu"])(params, decode).mlir_module()
 
 
 def test_fallbacks_say_why(monkeypatch, tmp_path, caplog):

@@ -99,7 +99,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: ja
                    reference: Callable[..., jax.Array]) -> jax.Array:
     """x [m, in] grouped by group_sizes [g] times w [g, in, out] (or [layers, g, in, out] at `layer`)
     -> float32 [m, out], zero past the last group. `reference(x, w, group_sizes, layer)` computes the
-    same in pure JAX: its derivative is this one's."""
+    same in pure JAX: its derivative is this one's. Needs `available()`."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available (the log says why); check "
+                           "gptoss_jax.ops.native.available() before calling them")
     return _product(reference, x, w, group_sizes, layer)
 
 
