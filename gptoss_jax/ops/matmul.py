@@ -11,11 +11,11 @@ or a CPU test under `platform.lowering_for("tpu")`, takes the TPU branch):
 - the unembedding: XLA:CPU multiplies bfloat16 matrices by converting them to float32 first (for
   gpt-oss a 2.3 GB temporary per step), so on CPU it converts `UPCAST_CHUNK_BYTES` of rows at a time;
 - the grouped expert matmul: `jax.lax.ragged_dot` on GPU and TPU; XLA:CPU lowers ragged_dot to a
-  masked dense product ~30x slower, so on CPU a tiled scan computes only the rows in groups. Over
-  plain float32 / bfloat16 weights, CPU programs run here with few rows per expert (decode) call
-  `ops.native`'s kernel instead: XLA:CPU
-  copies each expert's slice before its dot (bench config, 8 layers' gate_up, float32: batch 1
-  35.5 ms tiled, 11.2 ms native; batch 16 201.7 ms, 106.4 ms); the tiles stay its gradient.
+  masked dense product ~30x slower, so on CPU a tiled scan computes only the rows in groups. With
+  few rows per expert (decode) over plain float32 / bfloat16 weights, CPU programs run here call
+  `ops.native`'s kernel instead, since XLA:CPU copies each expert's slice before its dot (bench
+  config, 8 layers' gate_up, float32: batch 1 35.5 ms tiled, 11.2 ms native; batch 16 201.7 ms,
+  106.4 ms); the tiles stay its gradient.
   Quantized experts take the tiled scan everywhere (only routed experts are decoded).
 
 Dimension letters: m rows, g groups (experts), r LoRA rank.
@@ -151,8 +151,8 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
         return _tiled_grouped_matmul(x, w, group_sizes, layer=layer, tile=tile)
 
     def cpu(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Array:
-        tiled = functools.partial(_tiled, tile=tile)
-        if _native_applies(w) and x.shape[0] <= NATIVE_MAX_ROWS_PER_GROUP * group_sizes.shape[0]:
+        tiled = functools.partial(_tiled_grouped_matmul, tile=tile)  # (x, w, group_sizes, layer)
+        if _native_applies(x, w, group_sizes):
             return native.grouped_matmul(x, w, group_sizes, layer, reference=tiled)
         return tiled(x, w, group_sizes, layer)
 
@@ -166,16 +166,12 @@ float32, one layer: 2 rows per group 17.4 ms native / 39.9 ms tiled, 4: 23.0 / 3
 64: 150.8 / 105.0."""
 
 
-def _tiled(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None, tile: int | None) -> jax.Array:
-    return _tiled_grouped_matmul(x, w, group_sizes, layer=layer, tile=tile)
-
-
-def _native_applies(w: Weight) -> bool:
+def _native_applies(x: jax.Array, w: Weight, group_sizes: jax.Array) -> bool:
     """Whether the CPU grouped matmul runs natively (`ops.native`): a plain float32 / bfloat16 weight,
-    in a program run here (not one exported under `platform.lowering_for`), on one device or inside
-    a shard_map (XLA would gather a sharded operand of a custom call whole)."""
-    return (native.supports(w) and not platform.overridden() and parallel.current() is None
-            and native.available())
+    few rows per group, in a program run here (not one exported under `platform.lowering_for`), on
+    one device or inside a shard_map (XLA would gather a sharded operand of a custom call whole)."""
+    return (native.supports(w) and x.shape[0] <= NATIVE_MAX_ROWS_PER_GROUP * group_sizes.shape[0]
+            and not platform.overridden() and parallel.current() is None and native.available())
 
 
 def select_layer(w: Weight, layer: jax.Array) -> Weight:
