@@ -1,0 +1,89 @@
+"""The CPU grouped expert matmul: the native kernel (`gptoss_jax.ops.native`) against the pure-JAX
+tiles, side by side in one run, on the bench config's expert shapes.
+
+    python benchmarks/bench_grouped_matmul.py [--config configs/bench.json] [--repeats 5]
+
+Two tables: (1) 8-layer gate_up products at decode batch 1 and 16 (top-k experts per token, drawn
+at random), float32 and bfloat16, with the expert-weight bandwidth each reaches; (2) one layer with
+2-64 rows per expert, float32: where the kernel stops paying (`ops.matmul.NATIVE_MAX_ROWS_PER_GROUP`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import gptoss_jax  # noqa: E402
+from gptoss_jax.ops import matmul, native  # noqa: E402
+
+REFERENCE = matmul._tiled_grouped_matmul  # (x, w, group_sizes, layer): the tiles, also the kernel's gradient
+
+
+def _best_ms(fn, *args, repeats: int) -> float:
+    times, _ = common.run_times(fn, *args, repeats=repeats)
+    return 1e3 * min(times)
+
+
+def _pair(w: jax.Array, layers: int, repeats: int, x: jax.Array, sizes: jax.Array) -> tuple[float, float, float]:
+    """(native ms, tiled ms, max relative difference) for `layers` stacked products."""
+    def total(product):
+        return jax.jit(lambda x, w, s: sum(product(x, w, s, jnp.int32(l)).sum() for l in range(layers)))
+
+    one = lambda x, w, s, l: native.grouped_matmul(x, w, s, l, reference=REFERENCE)  # noqa: E731
+    got = np.asarray(jax.jit(one)(x, w, sizes, jnp.int32(layers - 1)))
+    want = np.asarray(jax.jit(REFERENCE)(x, w, sizes, jnp.int32(layers - 1)))
+    error = float(np.abs(got - want).max() / np.abs(want).max())
+    return _best_ms(total(one), x, w, sizes, repeats=repeats), _best_ms(total(REFERENCE), x, w, sizes,
+                                                                        repeats=repeats), error
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(common.REPO / "configs" / "bench.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not native.available():
+        raise SystemExit("bench_grouped_matmul: the native kernels are not available (see the warning above)")
+    config = gptoss_jax.load_config(args.config)
+    layers, groups, k = config.num_layers, config.num_experts, config.experts_per_token
+    d, out = config.hidden, 2 * config.intermediate
+    rng = np.random.default_rng(0)
+    w32 = jnp.asarray(rng.standard_normal((layers, groups, d, out), np.float32) * d ** -0.5)
+    common.log(f"{config.name}: {layers} layers x {groups} experts of [{d}, {out}] (gate_up), top-{k}")
+
+    rows = []
+    for batch in (1, 16):
+        experts = np.sort(np.concatenate([rng.choice(groups, k, replace=False) for _ in range(batch)]))
+        sizes = jnp.asarray(np.bincount(experts, minlength=groups).astype(np.int32))
+        x = jnp.asarray(rng.standard_normal((batch * k, d), np.float32))
+        used = int((np.asarray(sizes) > 0).sum())
+        for name, w in (("float32", w32), ("bfloat16", w32.astype(jnp.bfloat16))):
+            ours, tiles, error = _pair(w, layers, args.repeats, x, sizes)
+            gb = layers * used * d * out * w.dtype.itemsize / 1e9
+            rows.append([f"batch {batch}, {name} ({used} experts)", f"{ours:.1f}", f"{tiles:.1f}",
+                         f"{tiles / ours:.2f}x", f"{gb / ours * 1e3:.1f}", f"{gb / tiles * 1e3:.1f}", f"{error:.1e}"])
+    print()
+    common.print_table(rows, [10, 10, 9, 13, 13, 10],
+                       ["", "native ms", "tiled ms", "speedup", "native GB/s", "tiled GB/s", "rel diff"])
+
+    rows = []
+    for per in (2, 4, 8, 16, 64):
+        sizes = jnp.full((groups,), per, jnp.int32)
+        x = jnp.asarray(rng.standard_normal((per * groups, d), np.float32))
+        ours, tiles, error = _pair(w32[:1], 1, args.repeats, x, sizes)
+        rows.append([f"{per} rows per expert", f"{ours:.1f}", f"{tiles:.1f}", f"{tiles / ours:.2f}x", f"{error:.1e}"])
+    print()
+    common.print_table(rows, [10, 10, 9, 10], ["one layer, float32", "native ms", "tiled ms", "speedup", "rel diff"])
+    print(f"\nthe model takes the kernel up to {matmul.NATIVE_MAX_ROWS_PER_GROUP} rows per expert on average")
+
+
+if __name__ == "__main__":
+    main()
