@@ -144,14 +144,16 @@ class MoE(nnx.Module):
         self.gate_up_bias = _weight(rngs, (e, 2 * i), ("experts", "expert_mlp"), dtype, std=0.02)
         self.down_bias = _weight(rngs, (e, d), ("experts", "embed"), dtype, std=0.02)
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
         """x [b, t, d] -> [b, t, d]. With `layer`, the expert matrices hold every layer's experts
-        ([layers, e, ...], read in place) and `layer` says which to use."""
+        ([layers, e, ...], read in place) and `layer` says which to use; tokens where `valid`
+        [b, t] is False (padding) may skip the experts (`moe.experts`)."""
         expert_ids, expert_weights = moe.route(x, self.router.get_value(), self.router_bias.get_value(),
                                                self.config.experts_per_token)
         return moe.experts(x.astype(self.gate_up_bias.dtype), expert_ids, expert_weights, self.gate_up.get_value(),
                            self.gate_up_bias.get_value(), self.down.get_value(), self.down_bias.get_value(),
-                           alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit, layer=layer)
+                           alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit, layer=layer,
+                           valid=valid)
 
 
 class Block(nnx.Module):
@@ -170,7 +172,7 @@ class Block(nnx.Module):
         """x [b, t, d] -> ([b, t, d], updated kv); `segments` [b, t] as `Attention` takes them."""
         attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, segments, layer)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x), layer), kv
+        return x + self.mlp(self.mlp_norm(x), layer, positions >= 0), kv
 
 
 class LayerPair(nnx.Module):
@@ -259,9 +261,10 @@ class Transformer(nnx.Module):
             new_cache = {kind: {**kv[kind], "positions": new_positions[kind]} for kind in cache.KINDS}
         return self.norm(x), hidden, new_cache
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Final normed hidden [..., d] -> float32 logits [..., vocab]."""
-        return matmul.unembed(x, self.unembed.get_value(), chunked=parallel.current() is None)
+    def logits(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """Final normed hidden [..., d] -> float32 logits [..., vocab]; where `valid` bool [...] is
+        False (an idle slot) the logits are unspecified and may not be computed."""
+        return matmul.unembed(x, self.unembed.get_value(), chunked=parallel.current() is None, valid=valid)
 
 
 REMAT_POLICIES = {

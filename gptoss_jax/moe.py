@@ -60,12 +60,15 @@ def expert_ffn(x_sorted: jax.Array, expert_ids: jax.Array, group_sizes: jax.Arra
 
 def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: Any,
             gate_up_bias: jax.Array, down: Any, down_bias: jax.Array, *, alpha: float,
-            limit: float, layer: jax.Array | None = None) -> jax.Array:
+            limit: float, layer: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
     """Weighted sum of each token's routed experts.
 
     x [..., d]; expert_ids, expert_weights [..., k]; gate_up [e, d, 2i]; gate_up_bias [e, 2i];
     down [e, i, d]; down_bias [e, d] -> float32 [..., d]. gate_up and down may be quantized or
     LoRA-adapted; with `layer` they are every layer's [layers, e, ...] (see `grouped_matmul`).
+    Tokens where `valid` bool [...] is False (padding) skip the experts on one device: their rows
+    sort past the last group, so an idle decode slot or a prompt chunk's padding multiplies no
+    expert weight (their output is unspecified; the mesh path computes them as any token).
     """
     distribution = parallel.current()
     if distribution is not None:
@@ -74,6 +77,8 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     shape, top_k, num_experts = x.shape, expert_ids.shape[-1], gate_up_bias.shape[-2]
     tokens = x.reshape(-1, shape[-1])
     flat_ids = expert_ids.reshape(-1)
+    if valid is not None:  # padding to a sentinel expert past the last: sorted last, in no group
+        flat_ids = jnp.where(jnp.repeat(valid.reshape(-1), top_k), flat_ids, num_experts)
     order = jnp.argsort(flat_ids, stable=True)  # assignments sorted by expert
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     y_sorted = expert_ffn(tokens[order // top_k], flat_ids[order], group_sizes, gate_up, gate_up_bias, down,

@@ -129,3 +129,29 @@ def test_bfloat16_weights_as_bits_give_identical_logits():
             return model.logits(model(tokens)[0])
 
         np.testing.assert_array_equal(np.asarray(logits(bits)), np.asarray(logits(params)))
+
+
+def test_padding_tokens_skip_the_experts(monkeypatch):
+    """`moe.experts(..., valid=)`: padding tokens (an idle decode slot, a chunk's padding) sort past
+    the last expert group, so the grouped matmul gets only the valid tokens' rows, and the valid
+    tokens' outputs are those of the unmasked call."""
+    from gptoss_jax import moe
+    from gptoss_jax.ops import matmul
+
+    rng = np.random.default_rng(0)
+    m, d, e, i, k = 7, 24, 5, 16, 2
+    x = jnp.asarray(rng.standard_normal((m, d), np.float32))
+    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(m)]), jnp.int32)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((m, k), np.float32)), axis=-1)
+    gate_up, down = (jnp.asarray(rng.standard_normal(s, np.float32) * 0.2) for s in ((e, d, 2 * i), (e, i, d)))
+    biases = jnp.asarray(rng.standard_normal((e, 2 * i), np.float32)), jnp.asarray(rng.standard_normal((e, d), np.float32))
+    valid = jnp.asarray([True, False, True, True, False, False, True])
+    rows = []
+    grouped = matmul.grouped_matmul
+    monkeypatch.setattr(matmul, "grouped_matmul", lambda x, w, sizes, *a: rows.append(int(jnp.sum(sizes))) or
+                        grouped(x, w, sizes, *a))
+    run = lambda valid: np.asarray(moe.experts(x, ids, weights, gate_up, biases[0], down, biases[1], alpha=1.702,
+                                               limit=7.0, valid=valid))
+    full, masked = run(None), run(valid)
+    assert rows == [m * k, m * k, 4 * k, 4 * k]  # gate_up and down, without and with the mask
+    np.testing.assert_allclose(masked[np.asarray(valid)], full[np.asarray(valid)], rtol=1e-6, atol=1e-6)

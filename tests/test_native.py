@@ -1,6 +1,8 @@
-"""The native CPU grouped matmul (`ops.native`, `ops/cpu_kernels.cc`) against the pure-JAX tiled one:
-values (float32, bfloat16, bfloat16 bits; one layer or stacked; empty groups, rows past the last
-group, column tails, threaded sizes), gradients, where the model uses it, and its fallbacks."""
+"""The native CPU kernels (`ops.native`, `ops/cpu_kernels.cc`) against the pure-JAX paths: the grouped
+matmul against the tiles (float32, bfloat16, bfloat16 bits; one layer or stacked; empty groups, rows
+past the last group, column tails, threaded sizes), the unembedding against XLA's product (the same
+dtypes, row and vocabulary tails, skipped rows), gradients, where the model uses them, and the
+fallbacks."""
 
 import logging
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import gptoss_jax
+from gptoss_jax.model import build
 from gptoss_jax.ops import matmul, native, platform
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the kernels are not built")
@@ -69,17 +72,84 @@ def test_gradients_are_the_tiled_ones():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=what)
 
 
-def test_the_model_runs_it_on_cpu_only_where_it_applies():
-    """A CPU decode step (6 expert rows over 7 experts) holds the custom call; a prefill (240 rows:
-    the tiles do better) and a program traced for TPU (an export must not carry it) do not."""
+def test_the_model_runs_them_on_cpu_only_where_they_apply():
+    """A CPU decode step (6 expert rows over 7 experts, 2 rows of logits) holds both custom calls; a
+    prefill (240 expert rows: the tiles do better; 80 rows of logits) and a program traced for TPU
+    (an export must not carry them) do not."""
     config = gptoss_jax.load_config("tiny-a")
     params = gptoss_jax.abstract_params(config, jnp.float32)
     decode, prefill = jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 40), jnp.int32)
     forward = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
-    assert native.TARGET in forward.lower(params, decode).as_text()
-    assert native.TARGET not in forward.lower(params, prefill).as_text()
+    decode_text, prefill_text = forward.lower(params, decode).as_text(), forward.lower(params, prefill).as_text()
     with platform.lowering_for("tpu"):
-        assert native.TARGET not in jax.export.export(forward, platforms=["tpu"])(params, decode).mlir_module()
+        exported = jax.export.export(forward, platforms=["tpu"])(params, decode).mlir_module()
+    for target in native.TARGETS:
+        assert target in decode_text, target
+        assert target not in prefill_text and target not in exported, target
+
+
+UNEMBED_CASES = {
+    # rows, d, vocab: one row; 4 + 1 rows, d not a multiple of 16, a vocabulary tail (203 = 4 x 50 + 3)
+    "one row": (1, 32, 96),
+    "tails": (5, 40, 203),
+    # enough work for the threads (m x d x v >= 2^20), an odd split of the vocabulary
+    "threaded": (9, 160, 1203),
+}
+
+
+def _unembed_case(rows, d, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((rows, d), np.float32)),
+            jnp.asarray(rng.standard_normal((vocab, d), np.float32) * d ** -0.5))
+
+
+def _xla_unembed(x, table):
+    return jnp.einsum("md,vd->mv", x, matmul.bits.read(table).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("name", UNEMBED_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bits"])
+def test_unembed_equals_xla_and_skips_invalid_rows(name, dtype):
+    x, table = _unembed_case(*UNEMBED_CASES[name])
+    if dtype != "float32":
+        table = table.astype(jnp.bfloat16)
+    if dtype == "bits":
+        table = jax.lax.bitcast_convert_type(table, jnp.uint16)
+    want = np.asarray(jax.jit(_xla_unembed)(x, table))
+    got = np.asarray(jax.jit(lambda x, t: native.unembed(x, t, reference=_xla_unembed))(x, table))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), (name, dtype)
+    valid = np.arange(x.shape[0]) % 2 == 0  # rows 0, 2, 4, ...: computed; the others skipped
+    masked = np.asarray(jax.jit(lambda x, t, v: native.unembed(x, t, reference=_xla_unembed, valid=v))(
+        x, table, jnp.asarray(valid)))
+    np.testing.assert_array_equal(masked[valid], got[valid])  # a row's logits do not depend on the others
+    assert np.all(masked[~valid] == 0)
+
+
+def test_unembed_gradients_are_xla_ones():
+    x, table = _unembed_case(*UNEMBED_CASES["tails"], seed=1)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((x.shape[0], table.shape[0]), np.float32))
+    valid = jnp.asarray([True, False, True, True, False])
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda x, t: jnp.sum(fn(x, t) * cotangent), argnums=(0, 1)))(x, table)
+
+    got = grads(lambda x, t: native.unembed(x, t, reference=_xla_unembed, valid=valid))
+    want = grads(lambda x, t: _xla_unembed(x, t) * valid[:, None])  # skipped rows: no gradient
+    for g, r, what in zip(got, want, ("dx", "dtable")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=what)
+
+
+def test_model_logits_of_idle_slots_are_skipped():
+    """`Transformer.logits(x, valid)`: the valid rows' logits equal the unmasked ones (the engine's
+    decode passes its active slots)."""
+    config = gptoss_jax.load_config("tiny-a")
+    params = gptoss_jax.init_params(config, dtype=jnp.float32)
+    hidden = jnp.asarray(np.random.default_rng(3).standard_normal((6, config.hidden), np.float32))
+    valid = jnp.asarray([True, False, False, True, True, False])
+    logits = jax.jit(lambda p, x, v: build(config, p).logits(x, valid=v))
+    full, masked = np.asarray(logits(params, hidden, None)), np.asarray(logits(params, hidden, valid))
+    np.testing.assert_array_equal(masked[np.asarray(valid)], full[np.asarray(valid)])
+    assert np.all(masked[~np.asarray(valid)] == 0)
 
 
 def test_fallbacks_say_why(monkeypatch, tmp_path, caplog):

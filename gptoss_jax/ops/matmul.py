@@ -112,13 +112,19 @@ UPCAST_CHUNK_BYTES = 64 << 20
 """float32 bytes of the unembedding converted at a time on CPU (see the module docstring)."""
 
 
-def unembed(x: jax.Array, table: jax.Array, chunked: bool = True) -> jax.Array:
-    """x [..., d] @ table [v, d].T -> float32 [..., v]. `chunked=False` (on a mesh): one einsum."""
+def unembed(x: jax.Array, table: jax.Array, chunked: bool = True, valid: jax.Array | None = None) -> jax.Array:
+    """x [..., d] @ table [v, d].T -> float32 [..., v]. `chunked=False` (on a mesh): one einsum.
+    Rows where `valid` bool [...] is False (idle decode slots) may be skipped: their logits are
+    unspecified."""
     x = x.astype(bits.value_dtype(table))
     v, d = table.shape
-    chunks = max((c for c in range(1, 257) if v % c == 0 and v // c * d * 4 >= UPCAST_CHUNK_BYTES), default=1)
-    if bits.value_dtype(table) == jnp.float32 or chunks == 1 or not chunked:
+
+    def plain(x: jax.Array, table: jax.Array) -> jax.Array:
         return _einsum("...d,vd->...v", x, table)
+
+    if not chunked:
+        return plain(x, table)
+    chunks = max((c for c in range(1, 257) if v % c == 0 and v // c * d * 4 >= UPCAST_CHUNK_BYTES), default=1)
 
     def by_chunks(x: jax.Array, table: jax.Array) -> jax.Array:
         rows = x.reshape(-1, d).astype(jnp.float32)
@@ -129,7 +135,27 @@ def unembed(x: jax.Array, table: jax.Array, chunked: bool = True) -> jax.Array:
         _, y = jax.lax.scan(one_chunk, None, table.reshape(chunks, v // chunks, d))  # [chunks, m, v / chunks]
         return jnp.moveaxis(y, 0, 1).reshape(*x.shape[:-1], v)
 
-    return platform.select(x, table, cpu=by_chunks, default=lambda x, t: _einsum("...d,vd->...v", x, t))
+    def cpu(x: jax.Array, table: jax.Array) -> jax.Array:
+        reference = plain if bits.value_dtype(table) == jnp.float32 or chunks == 1 else by_chunks
+        if not _native_unembed_applies(x, table):
+            return reference(x, table)
+        mask = None if valid is None else valid.reshape(-1)
+        rows = native.unembed(x.reshape(-1, d), table, reference=reference, valid=mask)  # [m, v]
+        return rows.reshape(*x.shape[:-1], v)
+
+    return platform.select(x, table, cpu=cpu, default=plain)
+
+
+NATIVE_MAX_UNEMBED_ROWS = 16
+"""The native unembedding takes at most this many rows (decode; prefill's last tokens). Bench config,
+float32, ms native / XLA: see `benchmarks/bench_grouped_matmul.py`."""
+
+
+def _native_unembed_applies(x: jax.Array, table: jax.Array) -> bool:
+    """Whether the CPU unembedding runs natively: as `_native_applies`, for at most
+    `NATIVE_MAX_UNEMBED_ROWS` rows."""
+    return (native.supports(table, (2,)) and x.size // x.shape[-1] <= NATIVE_MAX_UNEMBED_ROWS
+            and not platform.overridden() and parallel.current() is None and native.available())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Without a compiler, or if the build fails, `available()` is False (said once in 
 keeps its pure-JAX paths; `GPTOSS_JAX_NATIVE=0` turns the kernels off.
 
 `grouped_matmul` is `ops.matmul.grouped_matmul`'s CPU forward for plain float32 / bfloat16 expert
-weights; its gradient is the pure-JAX path's.
+weights, `unembed` `ops.matmul.unembed`'s for a few rows; their gradients are the pure-JAX paths'.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGET = "gptoss_grouped_matmul"
+TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed"}
+"""XLA custom-call targets -> the library's handler symbols."""
 
 
 def _cpu_flags() -> str:
@@ -82,17 +83,25 @@ def available() -> bool:
             log.info("gptoss-jax: building the native CPU kernels (once per machine) into %s", library)
             _build(compiler, library)
         handle = ctypes.cdll.LoadLibrary(str(library))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.GptossGroupedMatmul), platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("gptoss-jax: native CPU kernels unavailable (%s): CPU expert matmuls take the slower "
                     "pure-JAX path", error)
         return False
     return True
 
 
-def supports(w: Any) -> bool:
-    """Whether `grouped_matmul` takes this weight (a plain float32 / bfloat16 / bfloat16-bits array)."""
-    return isinstance(w, jax.Array) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) and w.ndim in (3, 4)
+def supports(w: Any, ndim: tuple[int, ...] = (3, 4)) -> bool:
+    """Whether the kernels take this weight: a plain float32 / bfloat16 / bfloat16-bits array of
+    `ndim` dimensions (`grouped_matmul`'s: 3 or 4; `unembed`'s table: 2)."""
+    return isinstance(w, jax.Array) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) and w.ndim in ndim
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available (the log says why); check "
+                           "gptoss_jax.ops.native.available() before calling them")
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None,
@@ -100,9 +109,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: ja
     """x [m, in] grouped by group_sizes [g] times w [g, in, out] (or [layers, g, in, out] at `layer`)
     -> float32 [m, out], zero past the last group. `reference(x, w, group_sizes, layer)` computes the
     same in pure JAX: its derivative is this one's. Needs `available()`."""
-    if not available():
-        raise RuntimeError("the native CPU kernels are not available (the log says why); check "
-                           "gptoss_jax.ops.native.available() before calling them")
+    _require()
     return _product(reference, x, w, group_sizes, layer)
 
 
@@ -112,7 +119,7 @@ def _product(reference: Callable[..., jax.Array], x: jax.Array, w: jax.Array, gr
     del reference
     stacked = w if layer is not None else w[None]
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32))
+    call = jax.ffi.ffi_call("gptoss_grouped_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32))
     return call(x.astype(jnp.float32), stacked, index, group_sizes.astype(jnp.int32))
 
 
@@ -128,3 +135,34 @@ def _backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax.Array) 
 
 
 _product.defvjp(_forward, _backward)
+
+
+def unembed(x: jax.Array, table: jax.Array, reference: Callable[..., jax.Array],
+            valid: jax.Array | None = None) -> jax.Array:
+    """x [m, d] (float32) @ table [v, d].T -> float32 [m, v], the table read once; rows where `valid`
+    bool [m] is False are skipped (zero). `reference(x, table)` computes the same in pure JAX: its
+    derivative is this one's. Needs `available()`."""
+    _require()
+    valid = jnp.ones(x.shape[:1], jnp.int32) if valid is None else valid.astype(jnp.int32)
+    return _unembed(reference, x, table, valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _unembed(reference: Callable[..., jax.Array], x: jax.Array, table: jax.Array, valid: jax.Array) -> jax.Array:
+    del reference
+    call = jax.ffi.ffi_call("gptoss_unembed", jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32))
+    return call(x.astype(jnp.float32), table, valid)
+
+
+def _unembed_forward(reference: Callable[..., jax.Array], x: jax.Array, table: jax.Array,
+                     valid: jax.Array) -> tuple[jax.Array, tuple]:
+    return _unembed(reference, x, table, valid), (x, table, valid)
+
+
+def _unembed_backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax.Array) -> tuple:
+    x, table, valid = saved
+    dx, dtable = jax.vjp(reference, x, table)[1](jnp.where(valid[:, None] != 0, dy, 0.0))
+    return dx, dtable, None
+
+
+_unembed.defvjp(_unembed_forward, _unembed_backward)
