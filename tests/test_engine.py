@@ -183,6 +183,28 @@ def test_cancelled_and_finished_requests_free_their_slots(engine, prompts):
     assert 0 < len(handles[0].generated) < 60
 
 
+def test_dispatch_length_follows_the_measured_step_time(engine, tiny, prompts):
+    """A dispatch runs as many decode steps as fit in `dispatch_seconds` at the measured step time
+    (1 to `steps_per_dispatch`, one program): a tiny budget gives one step per dispatch, a large one
+    `steps_per_dispatch` (4); the tokens are the same either way."""
+    budget, want = engine.dispatch_seconds, alone(tiny, prompts[0][:16], 13)
+    dispatches = {}
+    try:
+        with nothing_compiles():
+            for name, seconds in (("one step", 1e-9), ("four steps", 1e9)):
+                engine.dispatch_seconds = seconds
+                engine.submit(prompts[0][:16], greedy(1))  # a step time measured before the request
+                engine.run_until_idle()
+                before = engine.stats()["dispatches"]
+                handle = engine.submit(prompts[0][:16], greedy(13))  # one prefill chunk: its first token
+                engine.run_until_idle()
+                dispatches[name] = engine.stats()["dispatches"] - before
+                assert handle.generated == want, name
+    finally:
+        engine.dispatch_seconds = budget
+    assert dispatches == {"one step": 12, "four steps": 3}  # 12 decode steps after the prefill's token
+
+
 def test_prefix_reuse_prefills_only_the_new_tokens(engine, tiny, prompts):
     """A request whose prompt extends a finished one's prompt + output (the next turn) prefills only
     the new tokens and gives the tokens of a full prefill; a prompt that shares only a beginning

@@ -3,10 +3,16 @@
 Each `step` (1) applies cancellations, (2) admits waiting requests into free slots, (3) runs one
 prefill chunk (`prefill_chunk` tokens) of each of the `prefill_rows` earliest admitted requests
 still prefilling, in one call (a prompt's last chunk makes its first token, handed back at once),
-then (4) one decode dispatch of `steps_per_dispatch` steps over every decoding slot, with the stop
-checks on the device, and hands each request its new tokens. So a long prompt delays the running
-streams by one chunk call per dispatch, never more; a finished or cancelled request frees its slot
-for the next step.
+then (4) one decode dispatch over every decoding slot, with the stop checks on the device, and
+hands each request its new tokens. So a long prompt delays the running streams by one chunk call
+per dispatch, never more; a finished or cancelled request frees its slot for the next step.
+
+A dispatch runs several decode steps, so the host round trip is paid once for them, but an
+arrival waits for the dispatch in flight before its prefill: a dispatch runs as many steps as fit
+in `dispatch_seconds` at the measured step time (between 1 and `steps_per_dispatch`; one program,
+the count is an argument), and one step while a prompt is still prefilling. On an accelerator
+(steps of milliseconds) that is `steps_per_dispatch`; on a CPU (bench config, 16 slots: ~0.3 s a
+step) one step, which took the bench_engine run's time to first token p50 from 6.4 s to ~1 s.
 
 Prefix reuse, bounded by the slots themselves (no memory besides the cache): a slot that is free
 keeps its cache row and the tokens it holds (prompt + generated, but the last generated token,
@@ -72,20 +78,23 @@ class Engine:
     """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc).
 
     `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call (compiled for 1, 4, 16,
-    ... and `prefill_rows` rows; the smallest that fits is used), `steps_per_dispatch`
-    decode steps per dispatch, at most `max_queue` requests waiting, `max_stop_tokens` stop tokens
+    ... and `prefill_rows` rows; the smallest that fits is used), at most `steps_per_dispatch`
+    decode steps per dispatch (as many as fit in `dispatch_seconds`), at most `max_queue` requests waiting, `max_stop_tokens` stop tokens
     and `max_forced_tokens` forced tokens per request. Made under `jax.set_mesh(mesh)` (with params
     on that mesh), it runs every step on that mesh, from any thread."""
 
     def __init__(self, config: Config, params: Params, *, slots: int = 8, max_context: int = 4096,
                  prefill_chunk: int = 256, steps_per_dispatch: int = 8, max_queue: int = 256,
-                 prefill_rows: int = 4, max_stop_tokens: int = 16, max_forced_tokens: int = 64):
+                 prefill_rows: int = 4, max_stop_tokens: int = 16, max_forced_tokens: int = 64,
+                 dispatch_seconds: float = 0.25):
         for name, value in (("slots", slots), ("max_context", max_context), ("prefill_chunk", prefill_chunk),
                             ("steps_per_dispatch", steps_per_dispatch), ("max_queue", max_queue),
                             ("prefill_rows", prefill_rows),
                             ("max_stop_tokens", max_stop_tokens), ("max_forced_tokens", max_forced_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(dispatch_seconds, (int, float)) or not dispatch_seconds > 0:
+            raise ValueError(f"dispatch_seconds must be a number > 0, got {dispatch_seconds!r}")
         if max_context > config.max_positions:
             raise ValueError(f"max_context {max_context} exceeds the model's {config.max_positions} positions")
         if prefill_chunk > max_context:
@@ -93,6 +102,8 @@ class Engine:
         self.config, self.slots, self.max_context = config, slots, max_context
         self.prefill_chunk, self.steps_per_dispatch, self.max_queue = prefill_chunk, steps_per_dispatch, max_queue
         self.max_stop_tokens, self.max_forced_tokens = max_stop_tokens, max_forced_tokens
+        self.dispatch_seconds = float(dispatch_seconds)
+        self._step_seconds: float | None = None  # decode step time, a moving average (dispatch length)
         self.prefill_rows = min(prefill_rows, slots)
         # prefill calls run 1, 4, 16, ... rows (and prefill_rows): a lone prompt is not padded to many
         self._row_buckets = sorted({4 ** k for k in range(8) if 4 ** k < self.prefill_rows} | {self.prefill_rows})
@@ -169,7 +180,7 @@ class Engine:
                 state, first = self._call("prefill", self._params, state, np.arange(rows, dtype=np.int32),
                                           np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
                                           np.zeros(rows, np.int32), np.zeros(rows, bool))
-            state, out = self._call("decode", self._params, state)
+            state, out = self._call("decode", self._params, state, np.int32(self.steps_per_dispatch))
             state = self._call("release", state, np.int32(0))
             _host(first), _host(out), _host(state["active"])
         self._state = state
@@ -280,11 +291,26 @@ class Engine:
             if firsts:  # handed back now, not after the dispatch (time to first token)
                 self._deliver(firsts, None)
             if any(slot.phase == "decode" for slot in self._slots):
-                self._state, out = self._call("decode", self._params, self._state)
+                steps = self._dispatch_steps()
+                start = time.perf_counter()
+                self._state, out = self._call("decode", self._params, self._state, np.int32(steps))
                 self._counters["dispatches"] += 1
-                self._deliver({}, out)
+                made = self._deliver({}, out)
+                self._measured(time.perf_counter() - start, made)
         self._counters["steps"] += 1
         return True
+
+    def _dispatch_steps(self) -> int:
+        """Decode steps for the next dispatch (see the module doc)."""
+        if self._step_seconds is None or any(slot.phase == "prefill" for slot in self._slots):
+            return 1
+        return max(1, min(self.steps_per_dispatch, int(self.dispatch_seconds / self._step_seconds)))
+
+    def _measured(self, seconds: float, steps: int) -> None:
+        """Folds a dispatch of `steps` steps that took `seconds` into the step time's moving average."""
+        if steps > 0:
+            step = seconds / steps
+            self._step_seconds = step if self._step_seconds is None else 0.7 * self._step_seconds + 0.3 * step
 
     def _cancel_now(self, request_id: str) -> None:
         with self._lock:
@@ -368,9 +394,9 @@ class Engine:
             firsts = {slot: int(first[r]) for slot, r in firsts.items()}
         return firsts
 
-    def _deliver(self, firsts: dict[int, int], out: jax.Array | None) -> None:
+    def _deliver(self, firsts: dict[int, int], out: jax.Array | None) -> int:
         """Hands the requests their first tokens (`firsts`) or a dispatch's tokens (`out` [S, steps]);
-        finishes and frees those the device stopped."""
+        finishes and frees those the device stopped. Returns the decode steps `out` holds."""
         tokens = _host(out) if out is not None else None
         active = _host(self._state["active"])
         for slot, info in enumerate(self._slots):
@@ -389,6 +415,7 @@ class Engine:
             reason = "stop" if done and done[-1] in request.settings.stop_tokens else "length"
             request.handle._push(new)
             self._free(slot, reason)
+        return 0 if tokens is None else int(np.sum(np.any(tokens >= 0, axis=0)))
 
     def _free(self, slot: int, reason: str) -> None:
         info = self._slots[slot]

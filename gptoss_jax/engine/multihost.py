@@ -1,8 +1,8 @@
 """One engine schedule run by every process of a `jax.distributed` job, requests taken by process 0.
 
 Process 0 (the leader) takes `submit` and `cancel` as usual; each step that has work, it publishes
-that step's events (the requests that arrived, with their ids and resolved seeds, and the
-cancellations) under a numbered key of jax.distributed's key-value store before running it. The
+that step's events (the requests that arrived, with their ids and resolved seeds, the
+cancellations, and its measured decode step time, which sizes the step's dispatch) under a numbered key of jax.distributed's key-value store before running it. The
 other processes (followers) run `follow`: they read each step's events, in order, and run the same
 step, so every process issues the same jitted calls in the same order (as a mesh spanning the
 processes needs) and holds the same handles and tokens. `shutdown` (leader) ends the followers.
@@ -63,7 +63,7 @@ class MultihostEngine(Engine):
             arrivals, cancels = events
             self._publish({"arrivals": [{"id": r.handle.request_id, "prompt": r.prompt, "seed": r.seed,
                                          "settings": dataclasses.asdict(r.settings)} for r in arrivals],
-                           "cancels": cancels})
+                           "cancels": cancels, "step_seconds": self._step_seconds})
         return events
 
     def step(self) -> bool:
@@ -100,6 +100,7 @@ class MultihostEngine(Engine):
                 for request in arrivals:
                     self._admit_locally(request)
                 self._cancels.extend(message["cancels"])
+            self._step_seconds = message["step_seconds"]  # the leader's: the same dispatch length
             self._following = True
             try:
                 self.step()

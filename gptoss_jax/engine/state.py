@@ -9,7 +9,7 @@
 
 `begin` readies a slot for a request (keeping its cache below a position, for prefix reuse),
 `prefill` writes one prompt chunk into each of several slots' rows and, on a prompt's last chunk,
-makes its first token, `decode` runs several decode steps over all slots with per-slot stop checks, `release`
+makes its first token, `decode` runs up to a given number of decode steps over all slots with per-slot stop checks, `release`
 frees a slot. Inactive slots are fed at position -1, so their cache rows are never written.
 Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
 """
@@ -129,15 +129,17 @@ def prefill(config: Config, params: Params, state: State, slots: jax.Array, toke
     return pin(state), first
 
 
-def decode(config: Config, steps: int, params: Params, state: State) -> tuple[State, jax.Array]:
-    """Up to `steps` decode steps of every active slot, in one `while_loop` that ends early when no
-    slot is active. Returns the state and the tokens made int32 [S, steps] (-1: none)."""
+def decode(config: Config, steps: int, params: Params, state: State, limit: jax.Array | None = None
+           ) -> tuple[State, jax.Array]:
+    """Up to min(`steps`, `limit`) decode steps of every active slot (`limit` int32, traced: one
+    program for any dispatch length; None: `steps`), in one `while_loop` that ends early when no slot is active. Returns the
+    state and the tokens made int32 [S, steps] (-1: none)."""
     slots = state["tokens"].shape[0]
     model = build(config, params)
 
     def running(carry: tuple) -> jax.Array:
         step, state, _ = carry
-        return (step < steps) & jnp.any(state["active"])
+        return (step < (steps if limit is None else jnp.minimum(steps, limit))) & jnp.any(state["active"])
 
     def body(carry: tuple) -> tuple:
         step, state, out = carry
@@ -148,7 +150,7 @@ def decode(config: Config, steps: int, params: Params, state: State) -> tuple[St
         tokens = jnp.where(active, state["tokens"], 0)
         x, cache = extend(config, params, state["cache"], tokens[:, None], feed[:, None])
         state = {**state, "cache": cache}
-        made = _next(state, model.logits(x[:, 0]))
+        made = _next(state, model.logits(x[:, 0], valid=active))
         out = out.at[:, step].set(jnp.where(active, made, -1))
         state = _after(state, made, active)
         state["positions"] = state["positions"] + active
