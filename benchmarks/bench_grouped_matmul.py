@@ -5,7 +5,7 @@ tiles, side by side in one run, on the bench config's expert shapes.
 
 Two tables: (1) 8-layer gate_up products at decode batch 1 and 16 (top-k experts per token, drawn
 at random), float32 and bfloat16, with the expert-weight bandwidth each reaches; (2) one layer with
-2-64 rows per expert, float32: where the kernel stops paying (`ops.matmul.NATIVE_MAX_ROWS_PER_GROUP`).
+2-256 rows per expert, float32: where the kernel stops paying (`ops.matmul.NATIVE_MAX_ROWS_PER_GROUP`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                        ["", "native ms", "tiled ms", "speedup", "native GB/s", "tiled GB/s", "rel diff"])
 
     rows = []
-    for per in (2, 4, 8, 16, 64):
+    for per in (2, 4, 8, 16, 64, 256):
         sizes = jnp.full((groups,), per, jnp.int32)
         x = jnp.asarray(rng.standard_normal((per * groups, d), np.float32))
         ours, tiles, error = _pair(w32[:1], 1, args.repeats, x, sizes)

@@ -11,11 +11,12 @@ or a CPU test under `platform.lowering_for("tpu")`, takes the TPU branch):
 - the unembedding: XLA:CPU multiplies bfloat16 matrices by converting them to float32 first (for
   gpt-oss a 2.3 GB temporary per step), so on CPU it converts `UPCAST_CHUNK_BYTES` of rows at a time;
 - the grouped expert matmul: `jax.lax.ragged_dot` on GPU and TPU; XLA:CPU lowers ragged_dot to a
-  masked dense product ~30x slower, so on CPU a tiled scan computes only the rows in groups. With
-  few rows per expert (decode) over plain float32 / bfloat16 weights, CPU programs run here call
-  `ops.native`'s kernel instead, since XLA:CPU copies each expert's slice before its dot (bench
-  config, 8 layers' gate_up, float32: batch 1 35.5 ms tiled, 11.2 ms native; batch 16 201.7 ms,
-  106.4 ms); the tiles stay its gradient.
+  masked dense product ~30x slower, so on CPU a tiled scan computes only the rows in groups. Up to
+  `NATIVE_MAX_ROWS_PER_GROUP` rows per expert (decode, prefill chunks) over plain float32 / bfloat16
+  weights, CPU programs run here call `ops.native`'s kernel instead, since XLA:CPU copies each
+  expert's slice before its dot (bench config, 8 layers' gate_up, ms tiled / native: float32 batch
+  1 36.2 / 11.4, batch 16 209.6 / 125.8; bfloat16 24.8 / 9.5, 199.4 / 68.9); the tiles stay its
+  gradient.
   Quantized experts take the tiled scan everywhere (only routed experts are decoded).
 
 Dimension letters: m rows, g groups (experts), r LoRA rank.
@@ -185,11 +186,12 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     return platform.select(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
 
 
-NATIVE_MAX_ROWS_PER_GROUP = 4
-"""The native kernel takes a grouped matmul of at most this many rows per group on average (decode);
-more (prefill) take the tiles, whose dots XLA blocks better. Bench config gate_up, 32 experts,
-float32, one layer: 2 rows per group 17.4 ms native / 39.9 ms tiled, 4: 23.0 / 37.7, 8: 44.4 / 39.6,
-64: 150.8 / 105.0."""
+NATIVE_MAX_ROWS_PER_GROUP = 128
+"""The native kernel takes a grouped matmul of at most this many rows per group on average (decode,
+prefill chunks); more (long training rows) take the tiles, as fast there and differentiated anyway.
+Bench config gate_up, 32 experts, float32, one layer, ms native / tiled
+(`benchmarks/bench_grouped_matmul.py`): 2 rows per group 14.1 / 34.3, 16: 16.3 / 49.5,
+64: 65.6 / 102.6, 256: 325.6 / 321.5."""
 
 
 def _native_applies(x: jax.Array, w: Weight, group_sizes: jax.Array) -> bool:
