@@ -2,7 +2,8 @@
 
     python benchmarks/bench_generate.py [--quick] [--json results.json]
 
-One run measures, on `configs/bench.json` (8 layers, 32 experts top-4, vocab 201088) in float32:
+One run measures, on `configs/bench.json` (8 layers, 32 experts top-4, vocab 201088) in float32
+(`--dtype bfloat16`: both sides' weights and caches in bfloat16):
 
 1. the memory-bandwidth roofline: an XLA float32 matvec of a 384 MB matrix (GB/s; torch's too, for
    reference);
@@ -67,7 +68,8 @@ SIZES = {
 def run_worker(name: str, args: argparse.Namespace, workdir: Path, timeout: float) -> dict:
     """Runs worker `name` of `generate_workers` in a child process of this script."""
     argv = ["--worker", name, "--weights-dir", str(args.weights_dir), "--seed", str(args.seed), "--repeats",
-            str(args.repeats), "--long-repeats", str(args.long_repeats)] + (["--quick"] if args.quick else [])
+            str(args.repeats), "--long-repeats", str(args.long_repeats), "--dtype", args.dtype] + (
+        ["--quick"] if args.quick else [])
     if args.breakdown_config:
         argv += ["--breakdown-config", args.breakdown_config]
     env = dict(os.environ)
@@ -78,7 +80,7 @@ def run_worker(name: str, args: argparse.Namespace, workdir: Path, timeout: floa
     return common.run_worker(__file__, argv, name, timeout, env, result=workdir / f"{name}.json")
 
 
-def summarize(config: Any, sizes: dict, ours: dict, hf: dict, long: dict) -> dict:
+def summarize(config: Any, sizes: dict, ours: dict, hf: dict, long: dict, dtype: str = "float32") -> dict:
     """The figures of the table (and of the JSON's "summary") from the workers' results."""
     import jax.numpy as jnp
     import numpy as np
@@ -93,7 +95,7 @@ def summarize(config: Any, sizes: dict, ours: dict, hf: dict, long: dict) -> dic
         if name == "decode_b1":
             # KV bytes at the mean context of the timed steps (prompt .. prompt + n)
             context = sizes["prompt"] + sizes["decode_new"] / 2
-            nbytes = common.bytes_per_token(config, jnp.float32, context)
+            nbytes = common.bytes_per_token(config, jnp.dtype(dtype), context)
             roof = bw * 1e9 / nbytes["total"] if bw else None
             s[name].update(bytes_per_token=nbytes, mean_context=context, roofline_tok_s=roof,
                            ours_roofline_fraction=ratio(o, roof), hf_roofline_fraction=ratio(t, roof))
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
                         help="OMP_WAIT_POLICY for transformers' process, unless set in the environment")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: jax, hf, long")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights (and KV cache) of both sides: the float32 .npy files cast on loading")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     args.weights_dir = Path(args.weights_dir) / f"{config.name}-seed{args.seed}"
     skip = set(filter(None, args.skip.split(",")))
     start = time.perf_counter()
-    log(f"{'quick' if args.quick else 'full'} run: {sizes}; load average {os.getloadavg()}")
+    log(f"{'quick' if args.quick else 'full'} run, {args.dtype}: {sizes}; load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         workdir = Path(tmp)
         manifest = args.weights_dir / "manifest.json"
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         hf = run_worker("hf", args, workdir, 1200) if "hf" not in skip else {}
         long = run_worker("jax_long", args, workdir, 1500) if "long" not in skip else {}
         breakdown = run_worker("breakdown", args, workdir, 1200) if args.breakdown else {}
-        summary = summarize(config, sizes, ours, hf, long)
+        summary = summarize(config, sizes, ours, hf, long, args.dtype)
         a, b = workdir / "jax.logits.npy", workdir / "hf.logits.npy"
         if a.is_file() and b.is_file():
             import numpy as np

@@ -110,9 +110,17 @@ def _load_jax_params(args: argparse.Namespace) -> tuple[Any, Any, float]:
 
     config = load_config(CONFIG_PATH)
     start = time.perf_counter()
-    params = params_from_hf(config, load_hf_tensors(Path(args.weights_dir)), jnp.float32, source=args.weights_dir)
+    dtype = jnp.dtype(getattr(args, "dtype", "float32"))
+    params = params_from_hf(config, load_hf_tensors(Path(args.weights_dir)), dtype, source=args.weights_dir)
     jax.block_until_ready(params)
     return config, params, time.perf_counter() - start
+
+
+def weights_dtype(params: Any) -> Any:
+    """The dtype the weights compute in (the KV cache's)."""
+    from gptoss_jax.ops.bits import value_dtype
+
+    return value_dtype(params["embed"])
 
 
 def _loaded(args: argparse.Namespace, counter: common.CompileCounter) -> tuple[Any, Any, float, int]:
@@ -140,7 +148,7 @@ def compile_prefill(config: Any, params: Any, ids: Any, slots: int, counter: com
     common.trim()
     with common.PeakRSS() as peak:
         start = time.perf_counter()
-        cache = init_cache(config, ids.shape[0], slots, jnp.float32)
+        cache = init_cache(config, ids.shape[0], slots, weights_dtype(params))
         tokens = jnp.zeros((ids.shape[0], chunk), jnp.int32)
         extend.lower(config, params, cache, tokens, tokens).compile()
         _logits.lower(config, params, jnp.zeros((ids.shape[0], config.hidden), jnp.float32)).compile()
@@ -199,7 +207,7 @@ def worker_jax(args: argparse.Namespace, sizes: dict) -> dict:
     length, ids = sizes["prefill"], data["prefill"]
 
     def run_prefill() -> Any:
-        cache = init_cache(config, 1, length, jnp.float32)
+        cache = init_cache(config, 1, length, weights_dtype(params))
         logits, cache = prefill(config, params, cache, ids, np.array([length], np.int32), CHUNK)
         return np.asarray(logits)[0]
 
@@ -237,7 +245,7 @@ def worker_jax_long(args: argparse.Namespace, sizes: dict) -> dict:
     log(f"long: compiling for a {length}-token prompt, cache of {request.max_len} slots")
     counter.phase = "long_compile"
     warm = compile_prefill(config, params, prompt_array, request.max_len, counter)
-    cache = init_cache(config, 1, request.max_len, jnp.float32)
+    cache = init_cache(config, 1, request.max_len, weights_dtype(params))
     cache_bytes = used_bytes(cache)
     start = time.perf_counter()
     decode_loop = _decode_loop.lower(config, sampling, jnp.int32(new), params, cache, jnp.zeros((1,), jnp.int32),
@@ -250,7 +258,7 @@ def worker_jax_long(args: argparse.Namespace, sizes: dict) -> dict:
         out: dict[str, Any] = {}
         splits.append(out)
         start = time.perf_counter()
-        cache = init_cache(config, 1, request.max_len, jnp.float32)
+        cache = init_cache(config, 1, request.max_len, weights_dtype(params))
         logits, cache = prefill(config, params, cache, prompt_array, lengths, chunk)
         first = sample(logits, jax.random.fold_in(key, 0), sampling)
         first.block_until_ready()
@@ -281,9 +289,9 @@ def worker_jax_long(args: argparse.Namespace, sizes: dict) -> dict:
     return result
 
 
-def hf_model(config_path: Path, weights_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """transformers' GptOssForCausalLM (eager attention, float32) of `config_path` with the weights of
-    `weights_dir` (a strict `load_state_dict`): the model, and how long it took and what it holds."""
+def hf_model(config_path: Path, weights_dir: Path, dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
+    """transformers' GptOssForCausalLM (eager attention, float32 or `dtype`) of `config_path` with the
+    weights of `weights_dir` (a strict `load_state_dict`): the model, and how long it took and what it holds."""
     import numpy as np
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
@@ -299,6 +307,8 @@ def hf_model(config_path: Path, weights_dir: Path) -> tuple[Any, dict[str, Any]]
     state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
     missing = model.load_state_dict(state, strict=True)
     del state, tensors
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     common.trim()
     return model, {"load_seconds": time.perf_counter() - start, "rss_weights": common.rss(),
                    "attn_implementation": model.config._attn_implementation,
@@ -319,7 +329,7 @@ def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
     result["bandwidth"] = common.matvec_bandwidth_torch(sizes["matvec_shape"])
     log(f"  {result['bandwidth']['gb_per_s']:.1f} GB/s")
 
-    model, loaded = hf_model(CONFIG_PATH, Path(args.weights_dir))
+    model, loaded = hf_model(CONFIG_PATH, Path(args.weights_dir), args.dtype)
     config = model.config
     result.update(loaded)
     log(f"weights loaded in {result['load_seconds']:.1f} s, RSS {common.rss() / GIB:.2f} GiB; attention "
@@ -342,7 +352,7 @@ def worker_hf(args: argparse.Namespace, sizes: dict) -> dict:
     def run_prefill() -> Any:
         with torch.no_grad():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].numpy().copy()
+        return out.logits[0, -1].float().numpy().copy()
 
     log(f"prefill {length}: warm-up ({min(CHUNK, length)} tokens)")
     start = time.perf_counter()
