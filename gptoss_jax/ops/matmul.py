@@ -54,6 +54,7 @@ def merged(w: Weight) -> jax.Array:
 
 def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """einsum(spec, x, kernel) accumulated and returned in float32 (kernel a plain array)."""
+    stored = kernel
     kernel = bits.read(kernel)
 
     def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -62,13 +63,56 @@ def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     x_spec, out_spec = spec.split(",")[0], spec.split("->")[1]
     rows = x.size // x.shape[-1] if x_spec.startswith("...") else \
         math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
-    if rows != 1 or x.dtype != jnp.bfloat16:
+    if x.dtype != jnp.bfloat16 or rows > NATIVE_MAX_PROJECTION_ROWS:
         return plain(x, kernel)
+    matrix = _as_matrix(spec, x, stored)
 
     def two_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return plain(jnp.concatenate([x, x]), kernel)[:1]
 
-    return platform.select(x, kernel, cpu=two_rows, default=plain)
+    def cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if matrix is not None and _native_projection_applies(matrix):
+            return _native_projection(x, kernel, matrix, plain)
+        return two_rows(x, kernel) if rows == 1 else plain(x, kernel)
+
+    return platform.select(x, kernel, cpu=cpu, default=plain)
+
+
+NATIVE_MAX_PROJECTION_ROWS = 64
+"""bfloat16 projections of at most this many rows run natively on CPU (`ops.native.grouped_matmul`
+with one group): XLA:CPU converts a bfloat16 weight to float32 before its dot."""
+
+
+def _as_matrix(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array | None:
+    """The kernel as an [in, out] matrix (no copy) when `spec` contracts x's trailing letters with the
+    kernel's leading ones and keeps the rest in order ("btd,dnh->btnh", "btnh,nhd->btd"); else None."""
+    inputs, out_spec = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    contracted = "".join(c for c in w_spec if c not in out_spec)
+    kept = w_spec[len(contracted):]
+    if not (w_spec.startswith(contracted) and x_spec.endswith(contracted) and out_spec.endswith(kept)
+            and out_spec == x_spec[: len(x_spec) - len(contracted)] + kept and "..." not in w_spec):
+        return None
+    inner = math.prod(kernel.shape[: len(contracted)])
+    return kernel.reshape(inner, -1)
+
+
+def _native_projection_applies(matrix: jax.Array) -> bool:
+    return (native.supports(matrix[None], (3,)) and not platform.overridden() and parallel.current() is None
+            and native.available())
+
+
+def _native_projection(x: jax.Array, kernel: jax.Array, matrix: jax.Array, plain: Any) -> jax.Array:
+    """plain(x, kernel) (an einsum `_as_matrix` took apart) as x [m, in] @ matrix [in, out], natively."""
+    shape = jax.eval_shape(plain, x, kernel).shape
+    rows = x.size // matrix.shape[0]
+
+    def reference(x2d: jax.Array, w: jax.Array, sizes: jax.Array, layer: Any) -> jax.Array:
+        return jnp.dot(x2d, bits.read(w[0]), preferred_element_type=jnp.float32)
+
+    y = native.grouped_matmul(x.reshape(rows, -1), matrix[None], jnp.full((1,), rows, jnp.int32), None,
+                              reference=reference)
+    return y.reshape(shape)
 
 
 def _low_rank_specs(spec: str) -> tuple[str, str]:
