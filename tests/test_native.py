@@ -192,4 +192,4 @@ def test_bfloat16_projections_run_natively_and_equal_xla(spec, x_shape, w_shape)
     for weight in (w, bits_w):
         got = np.asarray(project(x, weight))
         assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    assert matmul._as_matrix("btd,ndh->btnh", x, jnp.zeros((4, 48, 20))) is None  # contracted axis not leading
+    assert matmul._as_matrix("btd,ndh->btnh", jnp.zeros((4, 48, 20))) is None  # contracted axis not leading

@@ -54,7 +54,6 @@ def merged(w: Weight) -> jax.Array:
 
 def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """einsum(spec, x, kernel) accumulated and returned in float32 (kernel a plain array)."""
-    stored = kernel
     kernel = bits.read(kernel)
 
     def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -65,12 +64,12 @@ def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
         math.prod(n for n, letter in zip(x.shape, x_spec) if letter in out_spec)
     if x.dtype != jnp.bfloat16 or rows > NATIVE_MAX_PROJECTION_ROWS:
         return plain(x, kernel)
-    matrix = _as_matrix(spec, x, stored)
 
     def two_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return plain(jnp.concatenate([x, x]), kernel)[:1]
 
     def cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        matrix = _as_matrix(spec, kernel)
         if matrix is not None and _native_projection_applies(matrix):
             return _native_projection(x, kernel, matrix, plain)
         return two_rows(x, kernel) if rows == 1 else plain(x, kernel)
@@ -83,7 +82,7 @@ NATIVE_MAX_PROJECTION_ROWS = 64
 with one group): XLA:CPU converts a bfloat16 weight to float32 before its dot."""
 
 
-def _as_matrix(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array | None:
+def _as_matrix(spec: str, kernel: jax.Array) -> jax.Array | None:
     """The kernel as an [in, out] matrix (no copy) when `spec` contracts x's trailing letters with the
     kernel's leading ones and keeps the rest in order ("btd,dnh->btnh", "btnh,nhd->btd"); else None."""
     inputs, out_spec = spec.split("->")
@@ -98,7 +97,7 @@ def _as_matrix(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array | None:
 
 
 def _native_projection_applies(matrix: jax.Array) -> bool:
-    return (native.supports(matrix[None], (3,)) and not platform.overridden() and parallel.current() is None
+    return (native.supports(matrix, (2,)) and not platform.overridden() and parallel.current() is None
             and native.available())
 
 
