@@ -144,7 +144,8 @@ def test_padding_tokens_skip_the_experts(monkeypatch):
     ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(m)]), jnp.int32)
     weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((m, k), np.float32)), axis=-1)
     gate_up, down = (jnp.asarray(rng.standard_normal(s, np.float32) * 0.2) for s in ((e, d, 2 * i), (e, i, d)))
-    biases = jnp.asarray(rng.standard_normal((e, 2 * i), np.float32)), jnp.asarray(rng.standard_normal((e, d), np.float32))
+    biases = (jnp.asarray(rng.standard_normal((e, 2 * i), np.float32)),
+              jnp.asarray(rng.standard_normal((e, d), np.float32)))
     valid = jnp.asarray([True, False, True, True, False, False, True])
     rows = []
     grouped = matmul.grouped_matmul

@@ -13,9 +13,10 @@
 // table rows (16 KB at d = 1024) stay in L1 while every row of x passes over them, so the table is
 // read once whatever m is. Rows marked invalid (an idle decode slot) are skipped (and zero).
 //
-// gptoss_grouped_matmul: four rows at a time, 64 output columns at a time: 4 x 64 float32 accumulators stay in registers
-// while each weight row segment is loaded once per four rows (from L2 after the first four).
-// Columns are split between threads.
+// gptoss_grouped_matmul: four rows at a time, 64 output columns at a time: 4 x 64 float32
+// accumulators stay in registers while each weight row segment is loaded once per four rows (from
+// L2 after the first four), over 32 weight rows at a time (see kDepth). Columns are split between
+// threads.
 
 #include <algorithm>
 #include <cstdint>
@@ -265,11 +266,13 @@ ffi::Error Unembed(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer table, ffi::Buffer<ff
   const int64_t m = xd[0], d = xd[1], v = td[0];
   switch (table.element_type()) {
     case ffi::F32:
-      RunUnembed(x.typed_data(), static_cast<const float*>(table.untyped_data()), valid.typed_data(), m, d, v, y->typed_data());
+      RunUnembed(x.typed_data(), static_cast<const float*>(table.untyped_data()), valid.typed_data(), m, d, v,
+                 y->typed_data());
       break;
     case ffi::BF16:
     case ffi::U16:
-      RunUnembed(x.typed_data(), static_cast<const uint16_t*>(table.untyped_data()), valid.typed_data(), m, d, v, y->typed_data());
+      RunUnembed(x.typed_data(), static_cast<const uint16_t*>(table.untyped_data()), valid.typed_data(), m, d,
+                 v, y->typed_data());
       break;
     default:
       return ffi::Error::InvalidArgument("gptoss_unembed: the table must be float32, bfloat16 or its uint16 bits");

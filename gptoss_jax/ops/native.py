@@ -7,7 +7,8 @@ Without a compiler, or if the build fails, `available()` is False (said once in 
 keeps its pure-JAX paths; `GPTOSS_JAX_NATIVE=0` turns the kernels off.
 
 `grouped_matmul` is `ops.matmul.grouped_matmul`'s CPU forward for plain float32 / bfloat16 expert
-weights, `unembed` `ops.matmul.unembed`'s for a few rows; their gradients are the pure-JAX paths'.
+weights (and, as one group, bfloat16 projections'), `unembed` `ops.matmul.unembed`'s for a few rows;
+their gradients are the pure-JAX paths'.
 """
 
 from __future__ import annotations
