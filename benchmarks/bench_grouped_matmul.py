@@ -1,16 +1,20 @@
 """The CPU grouped expert matmul: the native kernel (`gptoss_jax.ops.native`) against the pure-JAX
-tiles, side by side in one run, on the bench config's expert shapes.
+tiles, side by side in one run, on the bench config's expert shapes; and the native unembedding
+against XLA's.
 
     python benchmarks/bench_grouped_matmul.py [--config configs/bench.json] [--repeats 5]
 
 Two tables: (1) 8-layer gate_up products at decode batch 1 and 16 (top-k experts per token, drawn
 at random), float32 and bfloat16, with the expert-weight bandwidth each reaches; (2) one layer with
-2-256 rows per expert, float32: where the kernel stops paying (`ops.matmul.NATIVE_MAX_ROWS_PER_GROUP`).
+2-256 rows per expert, float32: where the kernel stops paying (`ops.matmul.NATIVE_MAX_ROWS_PER_GROUP`);
+(3) the unembedding [vocab, hidden] at 1-32 rows, float32 and bfloat16 (as bits, as the model passes
+it on CPU), native against `ops.matmul.unembed`'s XLA path (`ops.matmul.NATIVE_MAX_UNEMBED_ROWS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -22,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import gptoss_jax  # noqa: E402
-from gptoss_jax.ops import matmul, native  # noqa: E402
+from gptoss_jax.ops import bits, matmul, native  # noqa: E402
 
 REFERENCE = matmul._tiled_grouped_matmul  # (x, w, group_sizes, layer): the tiles, also the kernel's gradient
 
@@ -83,6 +87,33 @@ def main(argv: list[str] | None = None) -> None:
     print()
     common.print_table(rows, [10, 10, 9, 10], ["one layer, float32", "native ms", "tiled ms", "speedup", "rel diff"])
     print(f"\nthe model takes the kernel up to {matmul.NATIVE_MAX_ROWS_PER_GROUP} rows per expert on average")
+
+    rows = []
+    table32 = jnp.asarray(rng.standard_normal((config.vocab_size, d), np.float32) * d ** -0.5)
+    for name, table in (("float32", table32), ("bfloat16", bits.as_bits(table32.astype(jnp.bfloat16)))):
+        reference = functools.partial(matmul.unembed, valid=None)
+        xla = jax.jit(lambda x, t: _without_native_unembed(reference, x, t))
+        # x rounded to the table's dtype first, as `ops.matmul.unembed` does
+        ours = jax.jit(lambda x, t: native.unembed(x.astype(bits.value_dtype(t)), t, reference=None))
+        for m in (1, 4, 8, 16, 32):
+            x = jnp.asarray(rng.standard_normal((m, d), np.float32))
+            want, got = np.asarray(xla(x, table)), np.asarray(ours(x, table))
+            error = float(np.abs(got - want).max() / np.abs(want).max())
+            a, b = _best_ms(ours, x, table, repeats=args.repeats), _best_ms(xla, x, table, repeats=args.repeats)
+            rows.append([f"{name}, {m} rows", f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{error:.1e}"])
+    print()
+    common.print_table(rows, [10, 10, 9, 10], [f"unembedding [{config.vocab_size}, {d}]", "native ms", "XLA ms",
+                                               "speedup", "rel diff"])
+    print(f"\nthe model takes the native unembedding up to {matmul.NATIVE_MAX_UNEMBED_ROWS} rows")
+
+
+def _without_native_unembed(unembed, x: jax.Array, table: jax.Array) -> jax.Array:
+    """`ops.matmul.unembed` as it runs where the native kernel does not apply (traced with it off)."""
+    limit, matmul.NATIVE_MAX_UNEMBED_ROWS = matmul.NATIVE_MAX_UNEMBED_ROWS, 0
+    try:
+        return unembed(x, table)
+    finally:
+        matmul.NATIVE_MAX_UNEMBED_ROWS = limit
 
 
 if __name__ == "__main__":
