@@ -68,7 +68,7 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     LoRA-adapted; with `layer` they are every layer's [layers, e, ...] (see `grouped_matmul`).
     Tokens where `valid` bool [...] is False (padding) skip the experts on one device: their rows
     sort past the last group, so an idle decode slot or a prompt chunk's padding multiplies no
-    expert weight (their output is unspecified; the mesh path computes them as any token).
+    expert weight, and their output is zero (the mesh path computes them as any token).
     """
     distribution = parallel.current()
     if distribution is not None:
@@ -83,6 +83,8 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     y_sorted = expert_ffn(tokens[order // top_k], flat_ids[order], group_sizes, gate_up, gate_up_bias, down,
                           down_bias, alpha=alpha, limit=limit, layer=layer)
+    if valid is not None:  # whatever a platform's grouped matmul leaves in rows past the groups
+        y_sorted = jnp.where((flat_ids[order] < num_experts)[:, None], y_sorted, 0.0)
     y = y_sorted[jnp.argsort(order)].reshape(-1, top_k, shape[-1])
     out = jnp.einsum("mkd,mk->md", y, expert_weights.reshape(-1, top_k).astype(jnp.float32))
     return out.reshape(shape)

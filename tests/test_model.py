@@ -156,3 +156,4 @@ def test_padding_tokens_skip_the_experts(monkeypatch):
     full, masked = run(None), run(valid)
     assert rows == [m * k, m * k, 4 * k, 4 * k]  # gate_up and down, without and with the mask
     np.testing.assert_allclose(masked[np.asarray(valid)], full[np.asarray(valid)], rtol=1e-6, atol=1e-6)
+    assert np.all(masked[~np.asarray(valid)] == 0)
