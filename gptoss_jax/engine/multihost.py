@@ -3,7 +3,8 @@
 Process 0 (the leader) takes `submit` and `cancel` as usual; each step that has work, it publishes
 that step's events (the requests that arrived, with their ids and resolved seeds, the
 cancellations, and its measured decode step time, which sizes the step's dispatch) under a
-numbered key of jax.distributed's key-value store before running it. The other processes (followers) run `follow`: they read each step's events, in order, and run the same
+numbered key of jax.distributed's key-value store before running it. The other processes
+(followers) run `follow`: they read each step's events, in order, and run the same
 step, so every process issues the same jitted calls in the same order (as a mesh spanning the
 processes needs) and holds the same handles and tokens. `shutdown` (leader) ends the followers.
 """

@@ -10,7 +10,8 @@
 `begin` readies a slot for a request (keeping its cache below a position, for prefix reuse),
 `prefill` writes one prompt chunk into each of several slots' rows and, on a prompt's last chunk,
 makes its first token, `decode` runs up to a given number of decode steps over all slots with
-per-slot stop checks, `release` frees a slot. Inactive slots are fed at position -1, so their cache rows are never written.
+per-slot stop checks, `release` frees a slot. Inactive slots are fed at position -1, so their cache
+rows are never written.
 Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
 """
 
@@ -133,8 +134,7 @@ def decode(config: Config, steps: int, params: Params, state: State, limit: jax.
            ) -> tuple[State, jax.Array]:
     """Up to min(`steps`, `limit`) decode steps of every active slot (`limit` int32, traced: one
     program for any dispatch length; None: `steps`), in one `while_loop` that ends early when no
-    slot is active. Returns the
-    state and the tokens made int32 [S, steps] (-1: none)."""
+    slot is active. Returns the state and the tokens made int32 [S, steps] (-1: none)."""
     slots = state["tokens"].shape[0]
     model = build(config, params)
 

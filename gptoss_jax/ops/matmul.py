@@ -96,9 +96,15 @@ def _as_matrix(spec: str, kernel: jax.Array) -> jax.Array | None:
     return kernel.reshape(inner, -1)
 
 
+def _native_here() -> bool:
+    """Whether a CPU branch being traced may call `ops.native`: a program run here (not one exported
+    under `platform.lowering_for`), on one device or inside a shard_map (XLA would gather a sharded
+    operand of a custom call whole), with the kernels built."""
+    return not platform.overridden() and parallel.current() is None and native.available()
+
+
 def _native_projection_applies(matrix: jax.Array) -> bool:
-    return (native.supports(matrix, (2,)) and not platform.overridden() and parallel.current() is None
-            and native.available())
+    return native.supports(matrix, (2,)) and _native_here()
 
 
 def _native_projection(x: jax.Array, kernel: jax.Array, matrix: jax.Array, plain: Any) -> jax.Array:
@@ -197,10 +203,8 @@ NATIVE_MAX_UNEMBED_ROWS = 16
 
 
 def _native_unembed_applies(x: jax.Array, table: jax.Array) -> bool:
-    """Whether the CPU unembedding runs natively: as `_native_applies`, for at most
-    `NATIVE_MAX_UNEMBED_ROWS` rows."""
-    return (native.supports(table, (2,)) and x.size // x.shape[-1] <= NATIVE_MAX_UNEMBED_ROWS
-            and not platform.overridden() and parallel.current() is None and native.available())
+    """Whether the CPU unembedding runs natively: a plain table, at most `NATIVE_MAX_UNEMBED_ROWS` rows."""
+    return native.supports(table, (2,)) and x.size // x.shape[-1] <= NATIVE_MAX_UNEMBED_ROWS and _native_here()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +244,9 @@ Bench config gate_up, 32 experts, float32, one layer, ms native / tiled
 
 def _native_applies(x: jax.Array, w: Weight, group_sizes: jax.Array) -> bool:
     """Whether the CPU grouped matmul runs natively (`ops.native`): a plain float32 / bfloat16 weight,
-    few rows per group, in a program run here (not one exported under `platform.lowering_for`), on
-    one device or inside a shard_map (XLA would gather a sharded operand of a custom call whole)."""
+    at most `NATIVE_MAX_ROWS_PER_GROUP` rows per group on average, `_native_here`."""
     return (native.supports(w) and x.shape[0] <= NATIVE_MAX_ROWS_PER_GROUP * group_sizes.shape[0]
-            and not platform.overridden() and parallel.current() is None and native.available())
+            and _native_here())
 
 
 def select_layer(w: Weight, layer: jax.Array) -> Weight:
