@@ -11,7 +11,9 @@ k KV heads, g query heads per KV head, h head dim, e experts, v vocabulary.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,6 +30,10 @@ Params = dict[str, Any]
 """A plain nested dict of arrays: the model's weights (see `params.py` for their paths)."""
 KV = dict[str, jax.Array]
 """One layer's cached keys and values: {"k", "v"} [b, s, kv_heads, head_dim]."""
+Group = tuple[jax.Array, jax.Array, Any]
+"""One batch of `Transformer.extend_groups`: (tokens int32 [b, t], positions int32 [b, t], its cache)."""
+Groups = tuple[Any, ...]
+"""One entry per group (activations, positions, caches or their views), as the layers pass them on."""
 CacheView = tuple[jax.Array, jax.Array, jax.Array]
 """What a layer needs to know of its cache's slots: (slot positions [b, s] before this step, write
 slots [b, t], slot positions after it [b, s])."""
@@ -166,13 +172,30 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs)
         self.mlp = MoE(config, dtype, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: KV | None = None, view: CacheView | None = None, layer: jax.Array | None = None,
-                 segments: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
-        """x [b, t, d] -> ([b, t, d], updated kv); `segments` [b, t] as `Attention` takes them."""
-        attended, kv = self.attn(self.attn_norm(x), positions, rope, self.window, kv, view, segments, layer)
-        x = x + attended
-        return x + self.mlp(self.mlp_norm(x), layer, positions >= 0), kv
+    def __call__(self, xs: Groups, positions: Groups, ropes: Groups, kvs: Groups, views: Groups,
+                 layer: jax.Array | None = None, segments: jax.Array | None = None) -> tuple[Groups, Groups]:
+        """Each group's x [b, t, d] -> (its [b, t, d], its updated kv). Every group attends to its own
+        cache; their tokens go through the MoE together (its expert weights read once for all).
+        `segments` [b, t] (one group, no cache) as `Attention` takes them."""
+        outs, new_kvs = [], []
+        for x, group_positions, rope, kv, view in zip(xs, positions, ropes, kvs, views):
+            attended, kv = self.attn(self.attn_norm(x), group_positions, rope, self.window, kv, view, segments, layer)
+            outs.append(x + attended)
+            new_kvs.append(kv)
+        if len(outs) == 1:
+            x = outs[0]
+            return (x + self.mlp(self.mlp_norm(x), layer, positions[0] >= 0),), tuple(new_kvs)
+        flat = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in outs])  # [sum of b * t, d]
+        valid = jnp.concatenate([p.reshape(-1) >= 0 for p in positions])
+        moe_out = self.mlp(self.mlp_norm(flat), layer, valid)
+        ends = list(itertools.accumulate(x.shape[0] * x.shape[1] for x in outs))
+        parts = [moe_out[end - x.shape[0] * x.shape[1]: end] for x, end in zip(outs, ends)]
+        return tuple(x + part.reshape(x.shape) for x, part in zip(outs, parts)), tuple(new_kvs)
+
+
+def _kind(tree: Groups, kind: str) -> Groups:
+    """Each group's entry for a cache kind (None for a group without a cache)."""
+    return tuple(None if entry is None else entry[kind] for entry in tree)
 
 
 class LayerPair(nnx.Module):
@@ -182,18 +205,17 @@ class LayerPair(nnx.Module):
         self.sliding = Block(config, dtype, rngs, window=config.sliding_window)
         self.full = Block(config, dtype, rngs, window=None)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv: dict[str, KV] | None = None, views: dict[str, CacheView] | None = None,
+    def __call__(self, xs: Groups, positions: Groups, ropes: Groups, kvs: Groups, views: Groups,
                  layer: jax.Array | None = None, segments: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array, dict[str, KV] | None]:
-        """Returns the output, both layers' outputs [2, b, t, d], and the pair's updated cache."""
-        kv, views = kv or {}, views or {}
-        after_sliding, sliding_kv = self.sliding(x, positions, rope, kv.get("sliding"), views.get("sliding"), layer,
-                                                 segments)
-        after_full, full_kv = self.full(after_sliding, positions, rope, kv.get("full"), views.get("full"), layer,
-                                        segments)
-        new_kv = {"sliding": sliding_kv, "full": full_kv} if kv else None
-        return after_full, jnp.stack([after_sliding, after_full]), new_kv
+                 ) -> tuple[Groups, Groups, Groups]:
+        """Per group (see `Block`): the output, both layers' outputs [2, b, t, d], the pair's updated cache."""
+        after_sliding, sliding_kv = self.sliding(xs, positions, ropes, _kind(kvs, "sliding"), _kind(views, "sliding"),
+                                                 layer, segments)
+        after_full, full_kv = self.full(after_sliding, positions, ropes, _kind(kvs, "full"), _kind(views, "full"),
+                                        layer, segments)
+        new_kvs = tuple(None if kv is None else {"sliding": s, "full": f}
+                        for kv, s, f in zip(kvs, sliding_kv, full_kv))
+        return after_full, tuple(jnp.stack(both) for both in zip(after_sliding, after_full)), new_kvs
 
 
 class Transformer(nnx.Module):
@@ -227,39 +249,59 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        (x,), (hidden,), (new_cache,) = self._layers(((tokens, positions, kv_cache),), remat, segments)
+        return x, hidden, new_cache
+
+    def extend_groups(self, groups: Sequence[Group]) -> list[tuple[jax.Array, cache.Cache]]:
+        """Several batches, each with its own KV cache, through the layers in one pass: per group
+        (tokens int32 [b, t], positions [b, t], cache) -> (final normed hidden float32 [b, t, d],
+        updated cache). Each group attends only to its own cache; all groups' tokens meet in the
+        MoE, so the expert weights are read once for all (a prompt chunk with the decode slots)."""
+        xs, _, caches = self._layers(tuple(groups), None, None)
+        return list(zip(xs, caches))
+
+    def _layers(self, groups: tuple[Group, ...], remat: str | None, segments: jax.Array | None
+                ) -> tuple[Groups, Groups, Groups]:
+        """Every group through embedding, layers and final norm: (hidden, layer outputs, caches) per group."""
         table = parallel.constrain(self.embed.get_value(), ("vocab", "act_embed"))  # whole rows (FSDP gathers them)
-        x = matmul.embed(table, tokens).astype(jnp.float32)  # the residual stream is float32
-        x = parallel.constrain(x, TOKENS)
-        rope = attention.rope_cos_sin(self.config, positions)
-        pair_graph, pair_state = nnx.split(self.layers)
-        pair_params = nnx.to_pure_dict(pair_state)
-        views, kv, new_positions = {}, None, {}
-        if kv_cache is not None:
-            kv = {kind: {"k": kv_cache[kind]["k"], "v": kv_cache[kind]["v"]} for kind in cache.KINDS}
+        xs, ropes, kvs, views, new_positions = [], [], [], [], []
+        for tokens, positions, kv_cache in groups:
+            x = matmul.embed(table, tokens).astype(jnp.float32)  # the residual stream is float32
+            xs.append(parallel.constrain(x, TOKENS))
+            ropes.append(attention.rope_cos_sin(self.config, positions))
+            if kv_cache is None:
+                kvs.append(None), views.append(None), new_positions.append(None)
+                continue
+            kvs.append({kind: {"k": kv_cache[kind]["k"], "v": kv_cache[kind]["v"]} for kind in cache.KINDS})
+            view, written = {}, {}
             for kind in cache.KINDS:
                 slot_positions = kv_cache[kind]["positions"]
                 slots = cache.write_slots(slot_positions, positions, ring=kind == "sliding")
-                new_positions[kind] = cache.scatter(slot_positions, slots, positions)
-                views[kind] = (slot_positions, slots, new_positions[kind])
+                written[kind] = cache.scatter(slot_positions, slots, positions)
+                view[kind] = (slot_positions, slots, written[kind])
+            views.append(view), new_positions.append(written)
+        positions = tuple(group[1] for group in groups)
+        ropes, views = tuple(ropes), tuple(views)
+        pair_graph, pair_state = nnx.split(self.layers)
+        pair_params = nnx.to_pure_dict(pair_state)
 
-        def one_pair(carry: tuple[jax.Array, Any], index: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
+        def one_pair(carry: tuple[Groups, Groups], index: jax.Array) -> tuple[tuple[Groups, Groups], Groups]:
             # Expert matrices and the KV cache stay stacked and are read (and the cache written) at
             # `index` in place: XLA copies any slice taken here, and for the cache it also kept a
             # second whole cache for the scan's output (3 GiB for gpt-oss-20b at 128k).
-            x, kv = carry
+            xs, kvs = carry
             params = bits.layer_slice(pair_params, index, keep=EXPERT_MATRICES)
-            x, hidden, kv = nnx.merge(pair_graph, params)(x, positions, rope, kv, views, index, segments)
-            return (x, kv), hidden
+            xs, hidden, kvs = nnx.merge(pair_graph, params)(xs, positions, ropes, kvs, views, index, segments)
+            return (xs, kvs), hidden
 
         if remat is not None:
             one_pair = jax.checkpoint(one_pair, policy=REMAT_POLICIES[remat], prevent_cse=False)
         pair_index = jnp.arange(self.config.num_layer_pairs)
-        (x, kv), hidden = jax.lax.scan(one_pair, (x, kv), pair_index)
-        hidden = hidden.reshape(-1, *hidden.shape[2:])  # [pairs, 2, b, t, d] -> [layers, b, t, d]
-        new_cache = None
-        if kv_cache is not None:
-            new_cache = {kind: {**kv[kind], "positions": new_positions[kind]} for kind in cache.KINDS}
-        return self.norm(x), hidden, new_cache
+        (xs, kvs), hidden = jax.lax.scan(one_pair, (tuple(xs), tuple(kvs)), pair_index)
+        hidden = tuple(h.reshape(-1, *h.shape[2:]) for h in hidden)  # [pairs, 2, b, t, d] -> [layers, b, t, d]
+        caches = tuple(None if kv is None else {kind: {**kv[kind], "positions": written[kind]} for kind in cache.KINDS}
+                       for kv, written in zip(kvs, new_positions))
+        return tuple(self.norm(x) for x in xs), hidden, caches
 
     def logits(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """Final normed hidden [..., d] -> float32 logits [..., vocab]; where `valid` bool [...] is

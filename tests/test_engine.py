@@ -205,6 +205,33 @@ def test_dispatch_length_follows_the_measured_step_time(engine, tiny, prompts):
     assert dispatches == {"one step": 12, "four steps": 3}  # 12 decode steps after the prefill's token
 
 
+def test_each_prefill_chunk_carries_a_decode_step(engine, tiny, prompts, monkeypatch):
+    """While a request decodes, each chunk of another's prompt (40 tokens: chunks of 16, 16, 8) runs
+    in one call with the next decode step (`state.step`): the running request gains a token with
+    every chunk, no separate decode dispatch runs until the prompt is in, and both get the tokens
+    `generate` gives each alone."""
+    calls = []
+    call = engine._call
+    monkeypatch.setattr(engine, "_call", lambda name, *args: calls.append(name) or call(name, *args))
+    long_prompt = (prompts[1] + prompts[2])[:40]
+    with nothing_compiles():
+        running = engine.submit(prompts[0][:16], greedy(10))
+        engine.step()  # its prefill: its first token
+        assert len(running.generated) == 1
+        joining = engine.submit(long_prompt, greedy(6))
+        gained = []
+        for _ in range(3):
+            del calls[:]
+            before = len(running.generated)
+            engine.step()
+            gained.append(len(running.generated) - before)
+            assert [c for c in calls if c in ("step", "decode")] == ["step"], calls
+        assert gained == [1, 1, 1] and len(joining.generated) == 1  # the last chunk made its first token
+        engine.run_until_idle()
+    assert running.generated == alone(tiny, prompts[0][:16], 13)[:10]
+    assert joining.generated == alone(tiny, long_prompt, 6)
+
+
 def test_prefix_reuse_prefills_only_the_new_tokens(engine, tiny, prompts):
     """A request whose prompt extends a finished one's prompt + output (the next turn) prefills only
     the new tokens and gives the tokens of a full prefill; a prompt that shares only a beginning

@@ -57,6 +57,31 @@ def test_cached_decode_equals_full_forward_at_every_step(golden):
         assert_close_to_reference(_logits(config, params, x[:, 0]), full[:, step], f"{golden.name} decode step {step}")
 
 
+def test_groups_through_the_layers_together_equal_each_alone(tiny):
+    """`Transformer.extend_groups`: a decode batch (2 rows, one of them padding, after 15 tokens) and
+    a prompt chunk (1 row of 14 tokens) with their own caches (both past the sliding window of 12), in one pass, give each
+    group's hidden states and cache as its own pass does."""
+    config, params = tiny
+    rng = np.random.default_rng(3)
+    decode_cache = kv_cache.init_cache(config, 2, 32, jnp.float32)
+    history = rng.integers(0, config.vocab_size, (2, 15)).astype(np.int32)
+    _, decode_cache = extend(config, params, decode_cache, jnp.asarray(history),
+                             jnp.asarray(np.arange(15, dtype=np.int32)[None].repeat(2, 0)))
+    chunk_cache = kv_cache.init_cache(config, 1, 32, jnp.float32)
+    groups = [(jnp.asarray(rng.integers(0, config.vocab_size, (2, 1)).astype(np.int32)),
+               jnp.asarray([[15], [-1]], jnp.int32), decode_cache),
+              (jnp.asarray(rng.integers(0, config.vocab_size, (1, 14)).astype(np.int32)),
+               jnp.asarray(np.arange(14, dtype=np.int32)[None]), chunk_cache)]
+    assert 14 > config.sliding_window
+    together = jax.jit(lambda groups: gptoss_jax.model.build(config, params).extend_groups(groups))(groups)
+    for (x, cache), (tokens, positions, own_cache) in zip(together, groups):
+        x_alone, cache_alone = extend(config, params, jax.tree.map(jnp.copy, own_cache), tokens, positions)
+        valid = np.asarray(positions) >= 0
+        np.testing.assert_allclose(np.asarray(x)[valid], np.asarray(x_alone)[valid], rtol=1e-5, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_alone)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_generation_equals_transformers(golden):
     ref = golden.outputs
     assert ref["prompt"].shape[1] > golden.config.sliding_window and ref["greedy"].shape[1] >= 64

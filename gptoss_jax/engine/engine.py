@@ -1,19 +1,22 @@
 """The continuous-batching engine: a host-side scheduler over the jitted slot operations of `state.py`.
 
-Each `step` (1) applies cancellations, (2) admits waiting requests into free slots, (3) runs one
-prefill chunk (`prefill_chunk` tokens) of each of the `prefill_rows` earliest admitted requests
-still prefilling, in one call (a prompt's last chunk makes its first token, handed back at once),
-then (4) one decode dispatch over every decoding slot, with the stop checks on the device, and
-hands each request its new tokens. So a long prompt delays the running streams by one chunk call
-per dispatch, never more; a finished or cancelled request frees its slot for the next step.
+Each `step` (1) applies cancellations, (2) admits waiting requests into free slots, then (3) while
+any admitted request is still prefilling, runs one prefill chunk (`prefill_chunk` tokens) of each of
+the `prefill_rows` earliest of them together with one decode step of every decoding slot, in one
+call and one pass through the layers (`state.step`: the expert weights and the unembedding are
+read once for both; a prompt's last chunk makes its first token), else (4) one decode dispatch over
+every decoding slot, with the stop checks on the device; it hands each request its new tokens. So a
+long prompt never stalls the running streams (each of its chunks carries their next token), and a
+finished or cancelled request frees its slot for the next step. Carrying the decode step in the
+prefill call (bench_engine, float32: 16 requests arriving 0.25 s apart, 16 slots) took the
+aggregate from 38.5 to MIXED tok/s.
 
 A dispatch runs several decode steps, so the host round trip is paid once for them, but an
 arrival waits for the dispatch in flight before its prefill: a dispatch runs as many steps as fit
 in `dispatch_seconds` at the measured step time (between 1 and `steps_per_dispatch`; one program,
-the count is an argument), and one step while a prompt is still prefilling. On an accelerator
-(steps of milliseconds) that is `steps_per_dispatch`; on a CPU (bench config, 16 slots: ~0.3 s a
-step) one step: with idle slots skipping the experts, bench_engine's time to first token p50 went
-from 6.4 s (8 steps per dispatch) to 2.2 s.
+the count is an argument). On an accelerator (steps of milliseconds) that is `steps_per_dispatch`;
+on a CPU (bench config, 16 slots: ~0.3 s a step) one step: with idle slots skipping the experts,
+bench_engine's time to first token p50 went from 6.4 s (8 steps per dispatch) to 2.2 s.
 
 Prefix reuse, bounded by the slots themselves (no memory besides the cache): a slot that is free
 keeps its cache row and the tokens it holds (prompt + generated, but the last generated token,
@@ -78,8 +81,8 @@ class _Slot:
 class Engine:
     """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc).
 
-    `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call (compiled for 1, 4, 16,
-    ... and `prefill_rows` rows; the smallest that fits is used), at most `steps_per_dispatch`
+    `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call, with a decode step
+    (compiled for 1, 4, 16, ... and `prefill_rows` rows; the smallest that fits is used), at most `steps_per_dispatch`
     decode steps per dispatch (as many as fit in `dispatch_seconds`), at most `max_queue` requests
     waiting, `max_stop_tokens` stop tokens and `max_forced_tokens` forced tokens per request. Made
     under `jax.set_mesh(mesh)` (with params on that mesh), it runs every step on that mesh, from any
@@ -116,7 +119,7 @@ class Engine:
             "init": jax.jit(functools.partial(slot_ops.init_state, config, slots, max_context, dtype,
                                               max_stop_tokens, max_forced_tokens)),
             "begin": jax.jit(slot_ops.begin, donate_argnums=0),
-            "prefill": jax.jit(functools.partial(slot_ops.prefill, config), donate_argnums=1),
+            "step": jax.jit(functools.partial(slot_ops.step, config), donate_argnums=1),
             "decode": jax.jit(functools.partial(slot_ops.decode, config, steps_per_dispatch), donate_argnums=1),
             "release": jax.jit(slot_ops.release, donate_argnums=0),
         }
@@ -179,9 +182,9 @@ class Engine:
         with self._in_mesh():
             state = self._call("begin", self._state, np.int32(0), np.int32(0), self._settings_row(None))
             for rows in self._row_buckets:
-                state, first = self._call("prefill", self._params, state, np.arange(rows, dtype=np.int32),
-                                          np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
-                                          np.zeros(rows, np.int32), np.zeros(rows, bool))
+                state, first, _ = self._call("step", self._params, state, np.arange(rows, dtype=np.int32),
+                                             np.zeros((rows, self.prefill_chunk), np.int32), np.zeros(rows, np.int32),
+                                             np.zeros(rows, np.int32), np.zeros(rows, bool))
             state, out = self._call("decode", self._params, state, np.int32(self.steps_per_dispatch))
             state = self._call("release", state, np.int32(0))
             _host(first), _host(out), _host(state["active"])
@@ -274,7 +277,7 @@ class Engine:
         return bool(self._inbox or self._queue or self._cancels or any(s.phase != "free" for s in self._slots))
 
     def step(self) -> bool:
-        """One scheduling step: cancellations, admissions, a prefill chunk, a decode dispatch.
+        """One scheduling step: cancellations, admissions, a prefill chunk with a decode step or a decode dispatch.
         Returns False (having done nothing) when there is nothing to do."""
         with self._lock:
             events = self._take_events()
@@ -289,10 +292,9 @@ class Engine:
                 admitted = self._admissions()
             for slot, request in admitted:
                 self._begin(slot, request)
-            firsts = self._prefill_chunk()
-            if firsts:  # handed back now, not after the dispatch (time to first token)
-                self._deliver(firsts, None)
-            if any(slot.phase == "decode" for slot in self._slots):
+            if any(slot.phase == "prefill" for slot in self._slots):
+                self._prefill_chunk()
+            elif any(slot.phase == "decode" for slot in self._slots):
                 steps = self._dispatch_steps()
                 start = time.perf_counter()
                 self._state, out = self._call("decode", self._params, self._state, np.int32(steps))
@@ -304,7 +306,7 @@ class Engine:
 
     def _dispatch_steps(self) -> int:
         """Decode steps for the next dispatch (see the module doc)."""
-        if self._step_seconds is None or any(slot.phase == "prefill" for slot in self._slots):
+        if self._step_seconds is None:
             return 1
         return max(1, min(self.steps_per_dispatch, int(self.dispatch_seconds / self._step_seconds)))
 
@@ -362,25 +364,25 @@ class Engine:
         self._counters["cached_tokens"] += start
         self._counters["prompt_tokens"] += len(request.prompt)
 
-    def _prefill_chunk(self) -> dict[int, int]:
+    def _prefill_chunk(self) -> None:
         """Runs one prefill chunk of each of the (up to `prefill_rows`) earliest admitted requests
-        still prefilling, in one call. Returns {slot: first token} of those whose last chunk it was."""
+        still prefilling, and one decode step of every decoding slot, in one call; hands out the
+        first tokens of the prompts it finished and the decode step's tokens."""
         waiting = sorted((i for i, s in enumerate(self._slots) if s.phase == "prefill"),
                          key=lambda i: self._slots[i].admitted)[: self.prefill_rows]
-        if not waiting:
-            return {}
         rows = next(n for n in self._row_buckets if n >= len(waiting))
-        spare = [i for i in range(self.slots) if i not in waiting]  # padding rows: distinct slots, no writes
-        slots = np.array(waiting + spare[: rows - len(waiting)], np.int32)
+        slots = np.full(rows, self.slots, np.int32)  # padding rows: an out-of-range slot, nothing written
         tokens = np.zeros((rows, self.prefill_chunk), np.int32)
         starts, valid, last = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, bool)
         for r, slot in enumerate(waiting):
             info = self._slots[slot]
             prompt = info.request.prompt
             piece = prompt[info.next: info.next + self.prefill_chunk]
-            tokens[r, : len(piece)] = piece
+            slots[r], tokens[r, : len(piece)] = slot, piece
             starts[r], valid[r], last[r] = info.next, len(piece), info.next + len(piece) == len(prompt)
-        self._state, first = self._call("prefill", self._params, self._state, slots, tokens, starts, valid, last)
+        decoding = any(slot.phase == "decode" for slot in self._slots)
+        self._state, first, made = self._call("step", self._params, self._state, slots, tokens, starts, valid, last)
+        self._counters["dispatches"] += decoding
         firsts = {}
         for r, slot in enumerate(waiting):
             info = self._slots[slot]
@@ -390,16 +392,17 @@ class Engine:
             self._counters["prefill_chunks"] += 1
             if last[r]:
                 info.phase = "decode"
-                firsts[slot] = r
+                firsts[r] = slot
         if firsts:
             first = _host(first)
-            firsts = {slot: int(first[r]) for slot, r in firsts.items()}
-        return firsts
+            firsts = {slot: int(first[r]) for r, slot in firsts.items()}
+        self._deliver(firsts, made if decoding else None)
 
     def _deliver(self, firsts: dict[int, int], out: jax.Array | None) -> int:
-        """Hands the requests their first tokens (`firsts`) or a dispatch's tokens (`out` [S, steps]);
-        finishes and frees those the device stopped. Returns the decode steps `out` holds."""
-        tokens = _host(out) if out is not None else None
+        """Hands the requests their first tokens (`firsts`) and a dispatch's tokens (`out` [S, steps]
+        or one step's [S]); finishes and frees those the device stopped. Returns the decode steps
+        `out` holds."""
+        tokens = _host(out).reshape(self.slots, -1) if out is not None else None
         active = _host(self._state["active"])
         for slot, info in enumerate(self._slots):
             if info.phase != "decode" or (tokens is None and slot not in firsts):

@@ -8,9 +8,10 @@
      "allowed": bool [S, vocab]}
 
 `begin` readies a slot for a request (keeping its cache below a position, for prefix reuse),
-`prefill` writes one prompt chunk into each of several slots' rows and, on a prompt's last chunk,
-makes its first token, `decode` runs up to a given number of decode steps over all slots with
-per-slot stop checks, `release` frees a slot. Inactive slots are fed at position -1, so their cache
+`step` runs one decode step of every decoding slot together with one prompt chunk into each of
+several other slots' rows (on a prompt's last chunk it makes the request's first token), `decode`
+runs up to a given number of decode steps over all slots with per-slot stop checks, `release`
+frees a slot. Inactive slots are fed at position -1, so their cache
 rows are never written.
 Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
 """
@@ -102,32 +103,58 @@ def _after(state: State, made: jax.Array, emitted: jax.Array) -> State:
     return state
 
 
-def prefill(config: Config, params: Params, state: State, slots: jax.Array, tokens: jax.Array, starts: jax.Array,
-            valid: jax.Array, last: jax.Array) -> tuple[State, jax.Array]:
-    """Writes one prompt chunk into each of R distinct slots' cache rows at once: slots int32 [R],
-    tokens int32 [R, C] (row r: its first valid[r] at positions starts[r], starts[r] + 1, ...;
-    valid 0: a row that writes nothing). A row with `last` [R] (its prompt's last token is in this
-    chunk) also makes its request's first token and starts decoding it. Returns the state and the
-    rows' first tokens int32 [R] (meaningful where `last`). Only the R rows are copied (gathered,
-    run through `extend`, scattered back into the donated cache)."""
+def _feed(state: State) -> tuple[jax.Array, jax.Array]:
+    """A decode step's input: each active slot's last token at its position, [S, 1]; inactive slots
+    all feed token 0 at position -1 (the same hidden state, so they route to the same few experts,
+    and the MoE skips them: its cost follows the experts its valid tokens use)."""
+    active = state["active"]
+    return jnp.where(active, state["tokens"], 0)[:, None], jnp.where(active, state["positions"], -1)[:, None]
+
+
+def _decoded(state: State, made: jax.Array) -> State:
+    """The state after a decode step in which the active slots made `made` [S]."""
+    active = state["active"]
+    state = _after(state, made, active)
+    state["positions"] = state["positions"] + active
+    return state
+
+
+def step(config: Config, params: Params, state: State, slots: jax.Array, tokens: jax.Array, starts: jax.Array,
+         valid: jax.Array, last: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+    """One decode step of every active slot and one prompt chunk into each of R other slots, in one
+    pass through the layers (`Transformer.extend_groups`: the expert weights and the unembedding
+    are read once for both). slots int32 [R] (distinct, not decoding; `S`, out of range: a padding
+    row), tokens int32 [R, C] (row r: its first valid[r] at positions starts[r], starts[r] + 1, ...).
+    A row with `last` [R] (its prompt's last token is in this chunk) also makes its request's first
+    token and starts decoding. Returns the state, the rows' first tokens int32 [R] (meaningful where
+    `last`) and the decode step's tokens int32 [S] (-1: an inactive slot). Only the R rows of the
+    cache are copied (gathered, run, scattered back into the donated cache)."""
+    num_slots = state["tokens"].shape[0]
     rows_n, chunk = tokens.shape
+    model = build(config, params)
     offsets = jnp.arange(chunk, dtype=jnp.int32)[None]
     positions = jnp.where(offsets < valid[:, None], starts[:, None] + offsets, -1)
-    rows = _rows(state["cache"], lambda leaf, axis: jnp.take(leaf, slots, axis=axis))
-    x, rows = extend(config, params, rows, tokens, positions)
-
-    def put(leaf: jax.Array, row: jax.Array, axis: int) -> jax.Array:
-        return leaf.at[(slice(None),) * axis + (slots,)].set(row)
-
-    cache = {kind: {name: put(leaf, rows[kind][name], CACHE_AXES[name].index("cache_batch"))
-                    for name, leaf in leaves.items()} for kind, leaves in state["cache"].items()}
-    hidden = x[jnp.arange(rows_n), jnp.maximum(valid - 1, 0)]  # [R, d]
-    sub = {name: value[slots] for name, value in state.items() if name != "cache"}
-    first = _next(sub, build(config, params).logits(hidden))
+    # a padding row reads the last slot's row (clipped) and writes nothing: its positions are all -1
+    rows = _rows(state["cache"], lambda leaf, axis: jnp.take(leaf, slots, axis=axis, mode="clip"))
+    (x_decode, cache), (x_prompt, rows) = model.extend_groups([(*_feed(state), state["cache"]),
+                                                               (tokens, positions, rows)])
+    sub = {name: jnp.take(value, slots, axis=0, mode="clip") for name, value in state.items() if name != "cache"}
+    both = {name: jnp.concatenate([state[name], sub[name]]) for name in sub}
+    hidden = jnp.concatenate([x_decode[:, 0], x_prompt[jnp.arange(rows_n), jnp.maximum(valid - 1, 0)]])  # [S + R, d]
+    made = _next(both, model.logits(hidden, valid=jnp.concatenate([state["active"], last])))
+    decoded = jnp.where(state["active"], made[:num_slots], -1)
+    state = _decoded({**state, "cache": cache}, made[:num_slots])
+    first = made[num_slots:]
     after = _after(sub, first, last)
     after["positions"] = jnp.where(last, starts + valid, sub["positions"])
-    state = {**{name: state[name].at[slots].set(after[name]) for name in sub}, "cache": cache}
-    return pin(state), first
+
+    def put(leaf: jax.Array, row: jax.Array, axis: int) -> jax.Array:
+        return leaf.at[(slice(None),) * axis + (slots,)].set(row, mode="drop")
+
+    cache = {kind: {name: put(leaf, rows[kind][name], CACHE_AXES[name].index("cache_batch"))
+                    for name, leaf in leaves.items()} for kind, leaves in cache.items()}
+    state = {**{name: state[name].at[slots].set(after[name], mode="drop") for name in sub}, "cache": cache}
+    return pin(state), first, decoded
 
 
 def decode(config: Config, steps: int, params: Params, state: State, limit: jax.Array | None = None
@@ -145,17 +172,11 @@ def decode(config: Config, steps: int, params: Params, state: State, limit: jax.
     def body(carry: tuple) -> tuple:
         step, state, out = carry
         active = state["active"]
-        feed = jnp.where(active, state["positions"], -1)
-        # inactive slots all feed token 0 at position -1: the same hidden state, so they route to the
-        # same few experts (the MoE's cost follows the experts its tokens use)
-        tokens = jnp.where(active, state["tokens"], 0)
-        x, cache = extend(config, params, state["cache"], tokens[:, None], feed[:, None])
+        x, cache = extend(config, params, state["cache"], *_feed(state))
         state = {**state, "cache": cache}
         made = _next(state, model.logits(x[:, 0], valid=active))
         out = out.at[:, step].set(jnp.where(active, made, -1))
-        state = _after(state, made, active)
-        state["positions"] = state["positions"] + active
-        return step + 1, state, out
+        return step + 1, _decoded(state, made), out
 
     out = jnp.full((slots, steps), -1, jnp.int32)
     _, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), pin(state), out))
