@@ -37,6 +37,9 @@ CASES = {
     "tail and padding": (13, 40, 130, [0, 7, 4, 0], None),
     # stacked layers, and enough work for the threads (m x in x out >= 2^20)
     "stacked, threaded": (37, 160, 200, [9, 0, 5, 23], 3),
+    # threaded, groups of 1-4 rows (streamed, dealt out between the threads) beside a blocked one,
+    # weight rows not a multiple of 4 and a column tail
+    "streamed, threaded": (30, 203, 190, [1, 2, 0, 3, 4, 1, 2, 4, 3, 10], None),
 }
 
 
