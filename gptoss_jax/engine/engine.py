@@ -7,9 +7,9 @@ call and one pass through the layers (`state.step`: the expert weights and the u
 read once for both; a prompt's last chunk makes its first token), else (4) one decode dispatch over
 every decoding slot, with the stop checks on the device; it hands each request its new tokens. So a
 long prompt never stalls the running streams (each of its chunks carries their next token), and a
-finished or cancelled request frees its slot for the next step. Carrying the decode step in the
-prefill call (bench_engine, float32: 16 requests arriving 0.25 s apart, 16 slots) took the
-aggregate from 38.5 to MIXED tok/s.
+finished or cancelled request frees its slot for the next step. Bench config, float32: a 32-token
+prompt chunk alone took 294 ms, with three slots decoding in the same call 325 ms, where a decode
+step of three slots alone takes ~160 ms.
 
 A dispatch runs several decode steps, so the host round trip is paid once for them, but an
 arrival waits for the dispatch in flight before its prefill: a dispatch runs as many steps as fit
