@@ -59,8 +59,8 @@ def test_cached_decode_equals_full_forward_at_every_step(golden):
 
 def test_groups_through_the_layers_together_equal_each_alone(tiny):
     """`Transformer.extend_groups`: a decode batch (2 rows, one of them padding, after 15 tokens) and
-    a prompt chunk (1 row of 14 tokens) with their own caches (both past the sliding window of 12), in one pass, give each
-    group's hidden states and cache as its own pass does."""
+    a prompt chunk (1 row of 14 tokens) with their own caches (both past the sliding window of 12),
+    in one pass, give each group's hidden states and cache as its own pass does."""
     config, params = tiny
     rng = np.random.default_rng(3)
     decode_cache = kv_cache.init_cache(config, 2, 32, jnp.float32)

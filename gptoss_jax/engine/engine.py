@@ -82,8 +82,8 @@ class Engine:
     """Continuous batching over `slots` rows of a `max_context`-position KV cache (see the module doc).
 
     `prefill_chunk` tokens of up to `prefill_rows` prompts per prefill call, with a decode step
-    (compiled for 1, 4, 16, ... and `prefill_rows` rows; the smallest that fits is used), at most `steps_per_dispatch`
-    decode steps per dispatch (as many as fit in `dispatch_seconds`), at most `max_queue` requests
+    (compiled for 1, 4, 16, ... and `prefill_rows` rows; the smallest that fits is used), at most
+    `steps_per_dispatch` decode steps per dispatch (as many as fit in `dispatch_seconds`), at most `max_queue` requests
     waiting, `max_stop_tokens` stop tokens and `max_forced_tokens` forced tokens per request. Made
     under `jax.set_mesh(mesh)` (with params on that mesh), it runs every step on that mesh, from any
     thread."""

@@ -11,8 +11,7 @@
 `step` runs one decode step of every decoding slot together with one prompt chunk into each of
 several other slots' rows (on a prompt's last chunk it makes the request's first token), `decode`
 runs up to a given number of decode steps over all slots with per-slot stop checks, `release`
-frees a slot. Inactive slots are fed at position -1, so their cache
-rows are never written.
+frees a slot. Inactive slots are fed at position -1, so their cache rows are never written.
 Token i of a request is forced[i] while i < forced_len, else drawn with fold_in(key(seed), i).
 """
 
