@@ -108,6 +108,8 @@ def _unembed_case(rows, d, vocab, seed=0):
 
 
 def _xla_unembed(x, table):
+    """XLA's product; under a bfloat16 table of x rounded to bfloat16, as `native.unembed` takes it."""
+    x = x.astype(matmul.bits.value_dtype(table)).astype(jnp.float32)
     return jnp.einsum("md,vd->mv", x, matmul.bits.read(table).astype(jnp.float32))
 
 

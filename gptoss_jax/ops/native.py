@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax.ops import bits
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -140,11 +142,15 @@ _product.defvjp(_forward, _backward)
 
 def unembed(x: jax.Array, table: jax.Array, reference: Callable[..., jax.Array],
             valid: jax.Array | None = None) -> jax.Array:
-    """x [m, d] (float32) @ table [v, d].T -> float32 [m, v], the table read once; rows where `valid`
-    bool [m] is False are skipped (zero). `reference(x, table)` computes the same in pure JAX: its
-    derivative is this one's. Needs `available()`."""
+    """x [m, d] @ table [v, d].T -> float32 [m, v], the table read once; rows where `valid` bool [m]
+    is False are skipped (zero). Under a bfloat16 table (or its bits) x is taken rounded to bfloat16,
+    as `ops.matmul.unembed` passes it, so that CPUs with bfloat16 dot products (AVX512-BF16) multiply
+    the table as it is. `reference(x, table)` computes the same in pure JAX: its derivative is this
+    one's. Needs `available()`."""
     _require()
     valid = jnp.ones(x.shape[:1], jnp.int32) if valid is None else valid.astype(jnp.int32)
+    if bits.value_dtype(table) == jnp.bfloat16:
+        x = x.astype(jnp.bfloat16)
     return _unembed(reference, x, table, valid)
 
 
