@@ -40,6 +40,10 @@ CASES = {
     # threaded, groups of 1-4 rows (streamed, dealt out between the threads) beside a blocked one,
     # weight rows not a multiple of 4 and a column tail
     "streamed, threaded": (30, 203, 190, [1, 2, 0, 3, 4, 1, 2, 4, 3, 10], None),
+    # threaded, in a multiple of 32 (AMX tiles where the CPU has them, bfloat16): groups of 5, 33
+    # and 40 rows (partial 32-row tiles), 2 streamed, 208 columns (per thread 128 + 80: 32-column tiles
+    # and a tail of 16 for the float32 blocks)
+    "tiles, threaded": (80, 96, 208, [5, 0, 33, 2, 40], None),
 }
 
 
@@ -48,8 +52,8 @@ CASES = {
 def test_values_equal_the_tiled_grouped_matmul(name, dtype):
     rows, in_, out, sizes, layers = CASES[name]
     x, w, group_sizes = _case(rows, in_, out, sizes, layers)
-    if dtype != "float32":
-        w = w.astype(jnp.bfloat16)
+    if dtype != "float32":  # x rounded to bfloat16 too, as `native.grouped_matmul` takes it then
+        w, x = w.astype(jnp.bfloat16), x.astype(jnp.bfloat16).astype(jnp.float32)
     if dtype == "bits":
         w = jax.lax.bitcast_convert_type(w, jnp.uint16)  # as `ops.bits.as_bits` passes them
     layer = None if layers is None else jnp.int32(layers - 1)

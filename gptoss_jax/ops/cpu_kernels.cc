@@ -19,7 +19,8 @@
 // y rows kept in L1 (see Stream). Larger groups go four rows at a time, 64 output columns at a
 // time: 4 x 64 float32 accumulators stay in registers while each weight row segment is loaded once
 // per four rows (from L2 after the first four), over 32 weight rows at a time (see kDepth), their
-// columns split between threads. Either way each output sums over the weight rows in order.
+// columns split between threads; in float32 each output sums over the weight rows in order. With
+// bfloat16 weights, groups of 16 rows and more take AMX tiles where the CPU has them (AmxGroup).
 
 #include <algorithm>
 #include <cstdint>
@@ -28,8 +29,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AMX_TILE__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -63,6 +68,13 @@ inline F16 Load16(const uint16_t* p) {  // bfloat16 bits -> float32: the high ha
   H16 h;
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<F16>(__builtin_convertvector(h, U16x) << 16);
+}
+
+inline uint16_t RoundToBf16(float f) {  // round to nearest even (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // y[r, c:c+64] += sum_{i < depth} x[r, i] * w[i, c:c+64] for r < R (x rows `in` apart, w rows `out`
@@ -164,13 +176,97 @@ void Stream(const float* x, int64_t in, const W* w, int64_t out, float* y) {
   }
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX: bfloat16 tile products (TDPBF16PS: C [16 x 16] float32 += A [16 x 32] . B [32 x 16]) for the
+// groups the column-strip blocks would take (prefill: dozens of rows per expert), with x rounded to
+// bfloat16. The kernel asks Linux for the tile state once per process (arch_prctl); where that is
+// refused, or the sizes are not multiples of 32, the float32 blocks run instead. Bench config
+// gate_up, bfloat16, one layer (32 experts), ms float32 blocks / tiles: 64 rows per expert 85-110 /
+// 28-35, 256 rows 400-444 / 109-111.
+struct TileConfig {
+  uint8_t palette, start, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr int64_t kAmxRows = 16;  // fewer rows fill too little of a 32-row pass (8 rows: 16-20 ms, blocks 11-17)
+
+bool AmxPermitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+
+// Weight rows a and b interleaved over 16 columns: [a[c], b[c]] pairs, the tiles' B layout.
+inline __m512i Pair16(const uint16_t* a, const uint16_t* b) {
+  alignas(64) static const uint16_t kIndex[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  return _mm512_permutex2var_epi16(lo, _mm512_load_si512(kIndex), hi);
+}
+
+void AmxConfigure() {  // eight tiles of 16 rows x 64 bytes (each call: other code may use the tiles)
+  alignas(64) TileConfig config = {};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// y[0:n, c0:c1) = xb[0:n, :] . w[:, c0:c1) for bfloat16 bits xb [n, in] and w [in, out]; in and
+// c1 - c0 multiples of 32. Per 32 columns the weight strip is laid out once as pairs of rows
+// (the tiles' B layout), then every 32 rows of x pass over it.
+void AmxGroup(const uint16_t* xb, int64_t n, int64_t in, const uint16_t* w, int64_t out, float* y, int64_t c0,
+              int64_t c1) {
+  AmxConfigure();
+  const int64_t padded = (n + 31) / 32 * 32;
+  std::vector<uint16_t> a(padded * in, 0);
+  std::memcpy(a.data(), xb, sizeof(uint16_t) * n * in);
+  std::vector<uint16_t> b(in * 32);  // [in / 2][32 columns][2]
+  alignas(64) float c[32 * 32];
+  for (int64_t col = c0; col < c1; col += 32) {
+    for (int64_t p = 0; p < in / 2; ++p) {
+      const uint16_t* row = w + 2 * p * out + col;
+      const __m512i lo = Pair16(row, row + out), hi = Pair16(row + 16, row + out + 16);
+      _mm512_storeu_si512(b.data() + p * 64, lo);
+      _mm512_storeu_si512(b.data() + p * 64 + 32, hi);
+    }
+    for (int64_t r0 = 0; r0 < padded; r0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < in; k += 32) {
+        _tile_loadd(4, a.data() + r0 * in + k, in * 2);
+        _tile_loadd(5, a.data() + (r0 + 16) * in + k, in * 2);
+        _tile_loadd(6, b.data() + (k / 2) * 64, 128);
+        _tile_loadd(7, b.data() + (k / 2) * 64 + 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, 128);
+      _tile_stored(1, c + 16, 128);
+      _tile_stored(2, c + 16 * 32, 128);
+      _tile_stored(3, c + 16 * 32 + 16, 128);
+      for (int64_t r = 0; r < 32 && r0 + r < n; ++r) std::memcpy(y + (r0 + r) * out + col, c + r * 32, sizeof(float) * 32);
+    }
+  }
+  _tile_release();
+}
+#endif
+
 constexpr int64_t kStreamRows = 4;
 
 // One thread's share: the groups of at most kStreamRows rows dealt out by turns (whole), and
 // columns [c0, c1) of every larger group.
 template <typename W>
-void Work(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64_t m, int64_t in,
-          int64_t out, float* y, int64_t c0, int64_t c1, int thread, int threads) {
+void Work(const float* x, const uint16_t* xb, const W* w, const int32_t* sizes, int64_t groups, int64_t m,
+          int64_t in, int64_t out, float* y, int64_t c0, int64_t c1, int thread, int threads) {
   int64_t start = 0, small = 0;
   for (int64_t g = 0; g < groups && start < m; ++g) {
     const int64_t n = std::min<int64_t>(std::max<int32_t>(sizes[g], 0), m - start);
@@ -189,9 +285,18 @@ void Work(const float* x, const W* w, const int32_t* sizes, int64_t groups, int6
       }
       continue;
     }
+    int64_t blocked = c0;  // the columns from here on go to the float32 blocks
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if constexpr (std::is_same_v<W, uint16_t>) {
+      if (xb != nullptr && n >= kAmxRows) {
+        blocked = c0 + (c1 - c0) / 32 * 32;
+        if (blocked > c0) AmxGroup(xb + (start - n) * in, n, in, wg, out, yg, c0, blocked);
+      }
+    }
+#endif
     for (int64_t i0 = 0; i0 < in; i0 += kDepth) {
       const int64_t d = std::min(kDepth, in - i0);
-      for (int64_t c = c0; c < c1; c += kColumns) {
+      for (int64_t c = blocked; c < c1; c += kColumns) {
         for (int64_t r = 0; r < n; r += kRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r));
           Block(xg + r * in + i0, rows, in, d, wg + i0 * out, out, yg + r * out, c, std::min(c + kColumns, c1));
@@ -211,12 +316,20 @@ void Run(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64
   const int64_t blocks = (out + kColumns - 1) / kColumns;
   const int threads = work < (int64_t{1} << 20) ? 1 : static_cast<int>(std::min<int64_t>(hardware, blocks));
   const int64_t per = (blocks + threads - 1) / threads * kColumns;
+  std::vector<uint16_t> rounded;  // x in bfloat16 for the tiles (bfloat16 weights)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (std::is_same_v<W, uint16_t> && m > kStreamRows && in % 32 == 0 && AmxPermitted()) {
+    rounded.resize(m * in);
+    for (int64_t k = 0; k < m * in; ++k) rounded[k] = RoundToBf16(x[k]);
+  }
+#endif
+  const uint16_t* xb = rounded.empty() ? nullptr : rounded.data();
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) {
     const int64_t c0 = std::min(out, t * per), c1 = std::min(out, c0 + per);
-    pool.emplace_back(Work<W>, x, w, sizes, groups, m, in, out, y, c0, c1, t, threads);
+    pool.emplace_back(Work<W>, x, xb, w, sizes, groups, m, in, out, y, c0, c1, t, threads);
   }
-  Work<W>(x, w, sizes, groups, m, in, out, y, 0, std::min(out, per), 0, threads);
+  Work<W>(x, xb, w, sizes, groups, m, in, out, y, 0, std::min(out, per), 0, threads);
   for (auto& thread : pool) thread.join();
 }
 
@@ -332,12 +445,6 @@ void UnembedRows(const X* const* x, const W* t, int64_t m, int64_t d, float* con
 }
 
 
-inline uint16_t RoundToBf16(float f) {  // round to nearest even (NaN stays NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // Only the rows r with valid[r] != 0 are computed; the others are zero. Rows x[r] are X's (float32,
 // or bfloat16 bits under a bfloat16 table).

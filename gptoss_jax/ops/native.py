@@ -110,9 +110,13 @@ def _require() -> None:
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None,
                    reference: Callable[..., jax.Array]) -> jax.Array:
     """x [m, in] grouped by group_sizes [g] times w [g, in, out] (or [layers, g, in, out] at `layer`)
-    -> float32 [m, out], zero past the last group. `reference(x, w, group_sizes, layer)` computes the
-    same in pure JAX: its derivative is this one's. Needs `available()`."""
+    -> float32 [m, out], zero past the last group. Under bfloat16 weights (or their bits) x is taken
+    rounded to bfloat16, as the MoE passes it (CPUs with AMX then multiply bfloat16 tiles).
+    `reference(x, w, group_sizes, layer)` computes the same in pure JAX: its derivative is this
+    one's. Needs `available()`."""
     _require()
+    if bits.value_dtype(w) == jnp.bfloat16:
+        x = x.astype(jnp.bfloat16)
     return _product(reference, x, w, group_sizes, layer)
 
 
