@@ -81,12 +81,12 @@ def test_gradients_are_the_tiled_ones():
 
 def test_the_model_runs_them_on_cpu_only_where_they_apply():
     """A CPU decode step (6 expert rows over 7 experts, 2 rows of logits) holds both custom calls; a
-    long prefill (960 expert rows, over `NATIVE_MAX_ROWS_PER_GROUP` per expert: the tiles do as well;
-    320 rows of logits) and a program traced for TPU (an export must not carry them) do not."""
+    long prefill (1920 expert rows, over `NATIVE_MAX_ROWS_PER_GROUP` per expert: the tiles do as well;
+    640 rows of logits) and a program traced for TPU (an export must not carry them) do not."""
     config = gptoss_jax.load_config("tiny-a")
     params = gptoss_jax.abstract_params(config, jnp.float32)
-    decode, prefill = jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 160), jnp.int32)
-    assert 2 * 160 * config.experts_per_token > matmul.NATIVE_MAX_ROWS_PER_GROUP * config.num_experts
+    decode, prefill = jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 320), jnp.int32)
+    assert 2 * 320 * config.experts_per_token > matmul.NATIVE_MAX_ROWS_PER_GROUP * config.num_experts
     forward = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
     decode_text, prefill_text = forward.lower(params, decode).as_text(), forward.lower(params, prefill).as_text()
     with platform.lowering_for("tpu"):

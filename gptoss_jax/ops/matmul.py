@@ -237,12 +237,14 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     return platform.select(x, w, group_sizes, cpu=cpu, default=functools.partial(_ragged_dot, layer=layer))
 
 
-NATIVE_MAX_ROWS_PER_GROUP = 128
+NATIVE_MAX_ROWS_PER_GROUP = 256
 """The native kernel takes a grouped matmul of at most this many rows per group on average (decode,
-prefill chunks); more (long training rows) take the tiles, as fast there and differentiated anyway.
-Bench config gate_up, 32 experts, float32, one layer, ms native / tiled
-(`benchmarks/bench_grouped_matmul.py`): 2 rows per group 14.1 / 34.3, 16: 16.3 / 49.5,
-64: 65.6 / 102.6, 256: 325.6 / 321.5."""
+prefill chunks; padding rows count, though they skip the experts); more (long training rows) take
+the tiles, differentiated anyway. Bench config gate_up, 32 experts, one layer, ms native / tiled
+(`benchmarks/bench_grouped_matmul.py`), float32: 2 rows per group 13.3 / 33.6, 16: 24.0 / 52.0,
+64: 69.0 / 102.1, 256: 263.5 / 322.1; bfloat16 on AMX tiles, ms: 64 rows 28-35, 256 rows 109-111.
+The engine's prefill call of 4 x 256 prompt tokens with 16 decode slots is 4160 rows over 32
+experts: 130 per group."""
 
 
 def _native_applies(x: jax.Array, w: Weight, group_sizes: jax.Array) -> bool:
