@@ -190,6 +190,7 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
+constexpr int64_t kAmxUnembedRows = 4;  // fewer: the dot products read the table at bandwidth already
 constexpr int64_t kAmxRows = 16;  // fewer rows fill too little of a 32-row pass (8 rows: 16-20 ms, blocks 11-17)
 
 bool AmxPermitted() {
@@ -436,9 +437,64 @@ void DotsRows(const X* const* x, int64_t m, int64_t d, const W* t, float* const*
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Table rows [j0, j0 + 16k) of a bfloat16 table on AMX tiles: 16 table rows (A, as they lie) times
+// x's rows laid out once in pairs (B), up to 32 rows of x per table read, y written transposed.
+// Bench config, ms vdpbf16ps / tiles: 8 rows 33-35 / 17-23, 16 rows 62-64 / 19-24 (the table at bandwidth).
+void UnembedRowsAmx(const uint16_t* const* x, const uint16_t* t, int64_t m, int64_t d, float* const* y, int64_t j0,
+                    int64_t j1) {
+  AmxConfigure();
+  const int64_t chunks = d / 32, blocks = (m + 15) / 16;
+  std::vector<uint16_t> b(blocks * chunks * 512, 0);  // per 16 rows of x, per 32 of d: [16 pairs][16 rows][2]
+  for (int64_t row = 0; row < m; ++row) {
+    const int64_t block = row / 16, r = row % 16;
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t pair = 0; pair < 16; ++pair) {
+        std::memcpy(b.data() + ((block * chunks + k) * 16 + pair) * 32 + r * 2, x[row] + k * 32 + 2 * pair, 4);
+      }
+    }
+  }
+  alignas(64) float c[2][16 * 16];
+  for (int64_t j = j0; j + 16 <= j1; j += 16) {
+    for (int64_t block = 0; block < blocks; block += 2) {
+      const bool two = block + 1 < blocks;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < chunks; ++k) {
+        _tile_loadd(2, t + j * d + k * 32, d * 2);
+        _tile_loadd(3, b.data() + (block * chunks + k) * 512, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+          _tile_loadd(4, b.data() + ((block + 1) * chunks + k) * 512, 64);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      if (two) _tile_stored(1, c[1], 64);
+      for (int q = 0; q < (two ? 2 : 1); ++q) {
+        for (int64_t r = 0; r < 16 && (block + q) * 16 + r < m; ++r) {
+          float* yr = y[(block + q) * 16 + r] + j;
+          for (int v = 0; v < 16; ++v) yr[v] = c[q][v * 16 + r];
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // Table rows [j0, j1): four at a time (every row of x over them), then one at a time.
 template <typename X, typename W>
 void UnembedRows(const X* const* x, const W* t, int64_t m, int64_t d, float* const* y, int64_t j0, int64_t j1) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<X, uint16_t> && std::is_same_v<W, uint16_t>) {
+    if (m >= kAmxUnembedRows && d % 32 == 0 && AmxPermitted()) {
+      const int64_t tiled = j0 + (j1 - j0) / 16 * 16;
+      UnembedRowsAmx(x, t, m, d, y, j0, tiled);
+      j0 = tiled;
+    }
+  }
+#endif
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) DotsRows<4>(x, m, d, t + j * d, y, j);
   for (; j < j1; ++j) DotsRows<1>(x, m, d, t + j * d, y, j);
@@ -464,7 +520,9 @@ void UnembedValid(const X* x, const W* t, const int32_t* valid, int64_t m, int64
   if (n == 0) return;
   const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int threads = n * d * v < (int64_t{1} << 20) ? 1 : hardware;
-  const int64_t per = ((v + threads - 1) / threads + 3) / 4 * 4;
+  // table rows split in multiples of 16, so that the tiles and the dot products share the same rows
+  // whatever the number of threads (a row of x gets the same logits whatever the other rows)
+  const int64_t per = ((v + threads - 1) / threads + 15) / 16 * 16;
   std::vector<std::thread> pool;
   for (int k = 1; k < threads; ++k) {
     const int64_t j0 = k * per, j1 = std::min(v, j0 + per);
