@@ -254,7 +254,9 @@ void AmxGroup(const uint16_t* xb, int64_t n, int64_t in, const uint16_t* w, int6
       _tile_stored(1, c + 16, 128);
       _tile_stored(2, c + 16 * 32, 128);
       _tile_stored(3, c + 16 * 32 + 16, 128);
-      for (int64_t r = 0; r < 32 && r0 + r < n; ++r) std::memcpy(y + (r0 + r) * out + col, c + r * 32, sizeof(float) * 32);
+      for (int64_t r = 0; r < 32 && r0 + r < n; ++r) {
+        std::memcpy(y + (r0 + r) * out + col, c + r * 32, sizeof(float) * 32);
+      }
     }
   }
   _tile_release();
@@ -319,7 +321,9 @@ void Run(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64
   const int64_t per = (blocks + threads - 1) / threads * kColumns;
   std::vector<uint16_t> rounded;  // x in bfloat16 for the tiles (bfloat16 weights)
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (std::is_same_v<W, uint16_t> && m > kStreamRows && in % 32 == 0 && AmxPermitted()) {
+  // only when some group will take the tiles: not on every decode step
+  const bool tiled = std::any_of(sizes, sizes + groups, [](int32_t size) { return size >= kAmxRows; });
+  if (std::is_same_v<W, uint16_t> && tiled && in % 32 == 0 && AmxPermitted()) {
     rounded.resize(m * in);
     for (int64_t k = 0; k < m * in; ++k) rounded[k] = RoundToBf16(x[k]);
   }
