@@ -4,7 +4,12 @@ past the last group, column tails, threaded sizes), the unembedding against XLA'
 dtypes, row and vocabulary tails, skipped rows), gradients, where the model uses them, and the
 fallbacks."""
 
+import dataclasses
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import pytest
 import gptoss_jax
 from gptoss_jax.model import build
 from gptoss_jax.ops import matmul, native, platform
+from gptoss_jax.quant import MXFP4Weight
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the kernels are not built")
 
@@ -91,9 +97,99 @@ def test_the_model_runs_them_on_cpu_only_where_they_apply():
     decode_text, prefill_text = forward.lower(params, decode).as_text(), forward.lower(params, prefill).as_text()
     with platform.lowering_for("tpu"):
         exported = jax.export.export(forward, platforms=["tpu"])(params, decode).mlir_module()
-    for target in native.TARGETS:
+    for target in ("gptoss_grouped_matmul", "gptoss_unembed"):
         assert target in decode_text, target
         assert target not in prefill_text and target not in exported, target
+
+
+def test_the_mxfp4_model_runs_the_mxfp4_kernel_on_cpu_only(monkeypatch):
+    """MXFP4 experts: a CPU decode step and a long prefill hold the MXFP4 kernel (decoding as it reads
+    beats the tiles at every size), a program traced for TPU does not; the model's logits equal the
+    tiled path's."""
+    config = dataclasses.replace(gptoss_jax.load_config("tiny-mxfp4"), expert_format="mxfp4")
+    params = gptoss_jax.init_params(config, seed=3, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (2, 40)), jnp.int32)
+
+    def forward():
+        return jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
+
+    assert "gptoss_mxfp4_grouped_matmul" in forward().lower(params, tokens[:, :1]).as_text()
+    assert "gptoss_mxfp4_grouped_matmul" in forward().lower(params, tokens).as_text()
+    with platform.lowering_for("tpu"):
+        exported = jax.export.export(forward(), platforms=["tpu"])(params, tokens[:, :1]).mlir_module()
+    assert "gptoss_mxfp4_grouped_matmul" not in exported
+    got = np.asarray(forward()(params, tokens))
+    monkeypatch.setattr(matmul, "_native_here", lambda: False)
+    tiled = forward()
+    assert "gptoss_mxfp4_grouped_matmul" not in tiled.lower(params, tokens).as_text()
+    want = np.asarray(tiled(params, tokens))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+MXFP4_CASES = {
+    # rows, in, out, group sizes, layers: 1-4 rows per group (decoded into registers), empty groups,
+    # 5 blocks of 32 inputs (a partial chunk of 16 blocks only)
+    "decode": (14, 160, 40, [1, 0, 4, 3, 0, 2, 4], 2),
+    # 21 blocks: a full chunk and a partial one; groups of 5-9 rows (decoded rows, 4 + 1 x rows),
+    # an odd column count (a last single decoded row), rows past the last group
+    "chunk tail": (29, 672, 37, [5, 0, 9, 3, 7, 1], None),
+    # enough work for the threads (m x in x out >= 2^20); 2880 inputs as gpt-oss has (90 blocks)
+    "threaded": (52, 2880, 130, [1, 33, 2, 0, 14], 2),
+}
+
+
+def _mxfp4_case(rows, in_, out, sizes, layers, seed=0):
+    shape = (len(sizes), in_, out) if layers is None else (layers, len(sizes), in_, out)
+    w = MXFP4Weight.random(jax.random.key(seed), jax.random.key(seed + 1), shape)
+    scales = np.array(w.scales)
+    scales.reshape(-1)[::97] = 0  # e8m0 0: a block of zeros (2^-127 flushes), as the tiles decode it
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((rows, in_), np.float32))
+    return x, MXFP4Weight(w.blocks, jnp.asarray(scales)), jnp.asarray(sizes, jnp.int32)
+
+
+def _mxfp4_reference(x, blocks, scales, group_sizes, layer):
+    return matmul._tiled_mxfp4(x, blocks, scales, group_sizes, layer)
+
+
+@pytest.mark.parametrize("name", MXFP4_CASES)
+def test_mxfp4_values_equal_the_tiled_grouped_matmul(name):
+    """The MXFP4 kernel decodes exactly: only the float32 sums' order differs from the tiles'."""
+    rows, in_, out, sizes, layers = MXFP4_CASES[name]
+    x, w, group_sizes = _mxfp4_case(rows, in_, out, sizes, layers)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    got = jax.jit(lambda x, b, s, g: native.mxfp4_grouped_matmul(x, b, s, g, layer, reference=_mxfp4_reference))(
+        x, w.blocks, w.scales, group_sizes)
+    want = jax.jit(lambda x, b, s, g: _mxfp4_reference(x, b, s, g, layer))(x, w.blocks, w.scales, group_sizes)
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), name
+    used = sum(sizes)
+    assert np.all(got[used:] == 0) and np.all(np.abs(got[:used]).max(axis=1) > 0)
+
+
+def test_mxfp4_portable_decode_equals_the_tiles(tmp_path):
+    """Built without AVX2 (`-mno-avx2`, as on a CPU without it), the kernel decodes one code at a time
+    into a buffer for every group size: the same values."""
+    env = {**os.environ, "GPTOSS_JAX_NATIVE_FLAGS": "-mno-avx2", "GPTOSS_JAX_NATIVE_CACHE": str(tmp_path)}
+    script = ("import sys; sys.path.insert(0, 'tests'); import test_native as t; from gptoss_jax.ops import native;"
+              "assert native.mxfp4_decode() == 'portable', native.mxfp4_decode();"
+              "[t.test_mxfp4_values_equal_the_tiled_grouped_matmul(name) for name in t.MXFP4_CASES]; print('ok')")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_mxfp4_gradient_in_x_is_the_tiled_one():
+    rows, in_, out, sizes, layers = MXFP4_CASES["decode"]
+    x, w, group_sizes = _mxfp4_case(rows, in_, out, sizes, layers, seed=1)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((rows, out), np.float32))
+
+    def grad(fn):
+        return np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * cotangent)))(x))
+
+    got = grad(lambda x: native.mxfp4_grouped_matmul(x, w.blocks, w.scales, group_sizes, jnp.int32(0),
+                                                     reference=_mxfp4_reference))
+    want = grad(lambda x: _mxfp4_reference(x, w.blocks, w.scales, group_sizes, jnp.int32(0)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 UNEMBED_CASES = {

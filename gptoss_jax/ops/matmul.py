@@ -16,8 +16,8 @@ or a CPU test under `platform.lowering_for("tpu")`, takes the TPU branch):
   weights, CPU programs run here call `ops.native`'s kernel instead, since XLA:CPU copies each
   expert's slice before its dot (bench config, 8 layers' gate_up, ms tiled / native: float32 batch
   1 36.2 / 11.4, batch 16 209.6 / 125.8; bfloat16 24.8 / 9.5, 199.4 / 68.9); the tiles stay its
-  gradient.
-  Quantized experts take the tiled scan everywhere (only routed experts are decoded).
+  gradient. MXFP4 experts on CPU run `ops.native`'s MXFP4 kernel the same way (codes decoded as
+  they are read; elsewhere, and LoRA-adapted, the tiled scan decodes only the routed experts).
 
 Dimension letters: m rows, g groups (experts), r LoRA rank.
 """
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from gptoss_jax.adapted import Adapted
 from gptoss_jax.ops import bits, native, parallel, platform
-from gptoss_jax.quant import is_quantized
+from gptoss_jax.quant import MXFP4Weight, is_quantized
 
 Weight = Any
 """An array, a quantized weight, or an `Adapted` one."""
@@ -225,11 +225,18 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     layer, the base stacked as above).
     """
     base = w.base if isinstance(w, Adapted) else w
+    tiled = functools.partial(_tiled_grouped_matmul, tile=tile)  # (x, w, group_sizes, layer)
     if is_quantized(base):
-        return _tiled_grouped_matmul(x, w, group_sizes, layer=layer, tile=tile)
+        def quantized_cpu(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Array:
+            if isinstance(w, MXFP4Weight) and _native_here():
+                return native.mxfp4_grouped_matmul(x, w.blocks, w.scales, group_sizes, layer,
+                                                   reference=_tiled_mxfp4)
+            return tiled(x, w, group_sizes, layer)
+
+        return platform.select(x, w, group_sizes, cpu=quantized_cpu,
+                               default=lambda x, w, group_sizes: tiled(x, w, group_sizes, layer))
 
     def cpu(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Array:
-        tiled = functools.partial(_tiled_grouped_matmul, tile=tile)  # (x, w, group_sizes, layer)
         if _native_applies(x, w, group_sizes):
             return native.grouped_matmul(x, w, group_sizes, layer, reference=tiled)
         return tiled(x, w, group_sizes, layer)
@@ -245,6 +252,13 @@ the tiles, differentiated anyway. Bench config gate_up, 32 experts, one layer, m
 64: 69.0 / 102.1, 256: 263.5 / 322.1; bfloat16 on AMX tiles, ms: 64 rows 28-35, 256 rows 109-111.
 The engine's prefill call of 4 x 256 prompt tokens with 16 decode slots is 4160 rows over 32
 experts: 130 per group."""
+
+
+def _tiled_mxfp4(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Array,
+                 layer: jax.Array | None) -> jax.Array:
+    """The tiled grouped matmul of an MXFP4 weight given as its parts (`native.mxfp4_grouped_matmul`'s
+    reference)."""
+    return _tiled_grouped_matmul(x, MXFP4Weight(blocks, scales), group_sizes, layer=layer)
 
 
 def _native_applies(x: jax.Array, w: Weight, group_sizes: jax.Array) -> bool:

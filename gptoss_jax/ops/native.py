@@ -7,8 +7,9 @@ Without a compiler, or if the build fails, `available()` is False (said once in 
 keeps its pure-JAX paths; `GPTOSS_JAX_NATIVE=0` turns the kernels off.
 
 `grouped_matmul` is `ops.matmul.grouped_matmul`'s CPU forward for plain float32 / bfloat16 expert
-weights (and, as one group, bfloat16 projections'), `unembed` `ops.matmul.unembed`'s for a few rows;
-their gradients are the pure-JAX paths'.
+weights (and, as one group, bfloat16 projections'), `mxfp4_grouped_matmul` its forward for MXFP4
+experts (`cpu_mxfp4.cc`), `unembed` `ops.matmul.unembed`'s for a few rows; their gradients are the
+pure-JAX paths'.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from gptoss_jax.ops import bits
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed"}
+SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_mxfp4.cc"))
+TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed",
+           "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul"}
 """XLA custom-call targets -> the library's handler symbols."""
 
 
@@ -53,16 +55,25 @@ def _compiler() -> str | None:
     return next((path for name in names if (path := shutil.which(name))), None)
 
 
+def _extra_flags() -> list[str]:
+    """`$GPTOSS_JAX_NATIVE_FLAGS`: compiler flags after `-march=native` (the tests build the portable
+    paths with `-mno-avx2`)."""
+    return os.environ.get("GPTOSS_JAX_NATIVE_FLAGS", "").split()
+
+
 def _build(compiler: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
-        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                   f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial), "-lpthread"]
+        command = [compiler, "-O3", "-march=native", *_extra_flags(), "-std=c++17", "-shared", "-fPIC", "-w",
+                   f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial), "-lpthread"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
         os.replace(partial, library)
+
+
+_loaded: list[ctypes.CDLL] = []
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,8 +88,9 @@ def available() -> bool:
         return False
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), jaxlib.__version__.encode(),
+                                     compiler.encode(), _cpu_flags().encode(),
+                                     " ".join(_extra_flags()).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("GPTOSS_JAX_NATIVE_CACHE", Path.home() / ".cache" / "gptoss-jax" / "native"))
     library = cache / f"cpu_kernels-{key}.so"
     try:
@@ -88,11 +100,19 @@ def available() -> bool:
         handle = ctypes.cdll.LoadLibrary(str(library))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+        _loaded.append(handle)
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("gptoss-jax: native CPU kernels unavailable (%s): CPU expert matmuls take the slower "
                     "pure-JAX path", error)
         return False
     return True
+
+
+def mxfp4_decode() -> str:
+    """How the built MXFP4 kernel decodes codes: "avx2" (a byte shuffle into registers, AVX2 + F16C)
+    or "portable" (one code at a time, into a buffer). Needs `available()`."""
+    _require()
+    return "avx2" if _loaded[-1].GptossMxfp4Avx2() else "portable"
 
 
 def supports(w: Any, ndim: tuple[int, ...] = (3, 4)) -> bool:
@@ -177,3 +197,40 @@ def _unembed_backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax
 
 
 _unembed.defvjp(_unembed_forward, _unembed_backward)
+
+
+def mxfp4_grouped_matmul(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Array,
+                         layer: jax.Array | None, reference: Callable[..., jax.Array]) -> jax.Array:
+    """x [m, in] grouped by group_sizes [g] times the MXFP4 matrices blocks uint8 [(layers,) g, out, 16,
+    in/32] / scales uint8 [(layers,) g, out, in/32] (`ops.mxfp4`'s layout; at `layer` when stacked)
+    -> float32 [m, out], zero past the last group; the codes are decoded as they are read.
+    `reference(x, blocks, scales, group_sizes, layer)` computes the same in pure JAX: its derivative in x is this
+    one's. Needs `available()`."""
+    _require()
+    return _mxfp4_product(reference, x, blocks, scales, group_sizes, layer)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mxfp4_product(reference: Callable[..., jax.Array], x: jax.Array, blocks: jax.Array, scales: jax.Array,
+                   group_sizes: jax.Array, layer: jax.Array | None) -> jax.Array:
+    del reference
+    stacked = layer is not None
+    index = jnp.asarray(layer if stacked else 0, jnp.int32).reshape(1)
+    call = jax.ffi.ffi_call("gptoss_mxfp4_grouped_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], blocks.shape[-3]), jnp.float32))
+    return call(x.astype(jnp.float32), blocks if stacked else blocks[None], scales if stacked else scales[None],
+                index, group_sizes.astype(jnp.int32))
+
+
+def _mxfp4_forward(reference: Callable[..., jax.Array], x: jax.Array, blocks: jax.Array, scales: jax.Array,
+                   group_sizes: jax.Array, layer: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return _mxfp4_product(reference, x, blocks, scales, group_sizes, layer), (x, blocks, scales, group_sizes, layer)
+
+
+def _mxfp4_backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax.Array) -> tuple:
+    x, blocks, scales, group_sizes, layer = saved
+    (dx,) = jax.vjp(lambda x: reference(x, blocks, scales, group_sizes, layer), x)[1](dy)
+    return dx, None, None, None, None
+
+
+_mxfp4_product.defvjp(_mxfp4_forward, _mxfp4_backward)
