@@ -20,6 +20,9 @@ LAYERS = "layers"
 EXPERT_MATRICES = ("gate_up", "down")
 """The per-expert matrices; a scan over layers passes them whole (read in place, see `ops.matmul`)."""
 
+ATTENTION_MATRICES = ("q", "k", "v", "o")
+"""The attention projections; a scan over layers hands them on as views of the stack (`ops.bits.LayerView`)."""
+
 EXPERT_AXES: dict[str, Axes] = {
     "gate_up": ("experts", "embed", "expert_mlp"),  # [e, d, 2i]: gate (even) and up (odd) interleaved
     "down": ("experts", "expert_mlp", "embed"),  # [e, i, d]

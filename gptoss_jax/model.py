@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax import adapted, cache, moe
-from gptoss_jax.axes import EXPERT_AXES, EXPERT_MATRICES, TOKENS
+from gptoss_jax.axes import ATTENTION_MATRICES, EXPERT_AXES, EXPERT_MATRICES, TOKENS
 from gptoss_jax.config import Config
 from gptoss_jax.ops import attention, bits, matmul, parallel
 from gptoss_jax.quant import FORMATS
@@ -286,11 +286,11 @@ class Transformer(nnx.Module):
         pair_params = nnx.to_pure_dict(pair_state)
 
         def one_pair(carry: tuple[Groups, Groups], index: jax.Array) -> tuple[tuple[Groups, Groups], Groups]:
-            # Expert matrices and the KV cache stay stacked and are read (and the cache written) at
-            # `index` in place: XLA copies any slice taken here, and for the cache it also kept a
+            # Expert matrices, attention projections (as views) and the KV cache stay stacked and are
+            # read (and the cache written) at `index` in place: XLA copies any slice taken here, and for the cache it also kept a
             # second whole cache for the scan's output (3 GiB for gpt-oss-20b at 128k).
             xs, kvs = carry
-            params = bits.layer_slice(pair_params, index, keep=EXPERT_MATRICES)
+            params = bits.layer_slice(pair_params, index, keep=EXPERT_MATRICES, views=ATTENTION_MATRICES)
             xs, hidden, kvs = nnx.merge(pair_graph, params)(xs, positions, ropes, kvs, views, index, segments)
             return (xs, kvs), hidden
 

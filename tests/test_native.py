@@ -6,6 +6,7 @@ fallbacks."""
 
 import dataclasses
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -298,3 +299,32 @@ def test_bfloat16_projections_run_natively_and_equal_xla(spec, x_shape, w_shape)
         got = np.asarray(project(x, weight))
         assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     assert matmul._as_matrix("btd,ndh->btnh", jnp.zeros((4, 48, 20))) is None  # contracted axis not leading
+
+
+def test_projections_read_their_layer_in_place():
+    """In the layer scan a bfloat16 projection hands the native kernel its whole stack [pairs, ...] and
+    the layer's index (`ops.bits.LayerView`): no per-layer copy of the weight (XLA copies a slice a
+    custom call takes); the logits equal the sliced path's."""
+    config = gptoss_jax.load_config("tiny-a")
+    params = matmul.bits.as_bits(gptoss_jax.init_params(config, seed=2, dtype=jnp.bfloat16))
+    tokens = jnp.asarray([[5, 9]], jnp.int32)
+    forward = jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))
+    text = forward.lower(params, tokens).as_text()
+    pairs, d = config.num_layer_pairs, config.hidden
+    operands = re.findall(r"custom_call @gptoss_grouped_matmul\(.*?\) .*?: \(tensor<\S+>, tensor<(\S+?)>", text)
+    projections = [o for o in operands if o.split("x")[1] == "1"]  # (the experts': [pairs, experts, ...])
+    assert len(projections) == 8 and all(o.startswith(f"{pairs}x1x") for o in projections), operands
+    got = np.asarray(forward(params, tokens))
+    sliced = jax.jit(lambda p, t: _without_views(lambda: gptoss_jax.forward(config, p, t)))
+    assert f"tensor<{pairs}x1x{d}x" not in sliced.lower(params, tokens).as_text()
+    np.testing.assert_allclose(got, np.asarray(sliced(params, tokens)), rtol=0, atol=1e-6 * np.abs(got).max())
+
+
+def _without_views(fn):
+    """fn() traced with the attention projections sliced per layer (no `LayerView`)."""
+    from gptoss_jax import model
+    saved, model.ATTENTION_MATRICES = model.ATTENTION_MATRICES, ()
+    try:
+        return fn()
+    finally:
+        model.ATTENTION_MATRICES = saved

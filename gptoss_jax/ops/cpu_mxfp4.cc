@@ -13,8 +13,9 @@
 //   bytes at a time straight into registers (AVX2 + F16C: the fp16 high byte of each e2m1 value
 //   by one byte shuffle, widened by vcvtph2ps) and multiply them with x's rows, the block's scale
 //   applied once per 16 bytes x 2 nibbles; the weights are read once, at memory speed;
-// - larger groups (prefill) decode 16 output rows at a time into a float32 buffer in L2, the scale
-//   folded in, and every 4 rows of x pass over pairs of them (8 dot products in registers).
+// - larger groups (prefill) decode 16 output rows at a time into a float32 panel in L2, input-major
+//   (AVX2: 8 x 8 transposes in registers), the scales folded in; then 6 rows of x at a time take
+//   their outer products with it (2 x 6 vectors of sums in registers).
 // Without AVX2 / F16C the second way serves every group, the decode done one code at a time.
 // Output rows are split between threads.
 
@@ -64,18 +65,23 @@ inline float Sum8(F8 v) {
   return s;
 }
 
-// x [m, in] -> xp [m, chunks * 512]: xp[r][c*512 + j*32 + n*16 + b] = x[r][32*(16c + b) + 2j + n],
-// zero for blocks past the last.
+// Where input 32 (16c + b) + 2j + n (block b < 16 of chunk c, byte j, nibble n) lies in a row of
+// xp: byte pairs (j = 2p, 2p + 1), then nibbles, then quarters of 4 blocks, then the two bytes of
+// the pair, then the 4 blocks: the order `Decode32` leaves 64 values in.
+inline int64_t XpIndex(int64_t j, int64_t n, int64_t b) {
+  return (((j / 2) * 2 + n) * 4 + b / 4) * 8 + (j % 2) * 4 + b % 4;
+}
+
+// x [m, in] -> xp [m, chunks * 512] (`XpIndex` within each chunk of 512), zero past the last block.
 std::vector<float> Permute(const float* x, int64_t m, int64_t in, int64_t chunks) {
   const int64_t blocks = in / 32, width = chunks * kChunkFloats;
   std::vector<float> xp(m * width, 0.0f);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t k = 0; k < blocks; ++k) {
-      float* dst = xp.data() + r * width + (k / kChunkBlocks) * kChunkFloats + k % kChunkBlocks;
+      float* dst = xp.data() + r * width + (k / kChunkBlocks) * kChunkFloats;
       const float* src = x + r * in + 32 * k;
       for (int64_t j = 0; j < 16; ++j) {
-        dst[j * 32] = src[2 * j];
-        dst[j * 32 + 16] = src[2 * j + 1];
+        for (int64_t n = 0; n < 2; ++n) dst[XpIndex(j, n, k % kChunkBlocks)] = src[2 * j + n];
       }
     }
   }
@@ -83,59 +89,74 @@ std::vector<float> Permute(const float* x, int64_t m, int64_t in, int64_t chunks
 }
 
 // One output row's codes and scales, chunk by chunk: chunk c's 16 bytes of byte j, and its 16
-// scales. The last chunk, when the blocks do not fill it, is copied zero-padded (zero codes and
-// scales: nothing read past the row, and nothing added).
+// scales. When the blocks do not fill the last chunk, its scales are copied zero-padded (nothing is
+// added past the row: the codes read there, finite, meet zero scales and zero inputs), and so are
+// its codes where reading on would pass the end of the weight (`end`).
 struct Row {
   const uint8_t* codes;  // [16, blocks]
   const uint8_t* scales;  // [blocks]
-  int64_t blocks;
-  alignas(16) uint8_t tail_codes[16][kChunkBlocks];
+  int64_t blocks, full;  // full: chunks of 16 blocks read in place
+  bool copied;
   alignas(16) uint8_t tail_scales[kChunkBlocks];
+  alignas(16) uint8_t tail_codes[16][kChunkBlocks];
 
-  Row(const uint8_t* codes, const uint8_t* scales, int64_t blocks) : codes(codes), scales(scales), blocks(blocks) {
-    const int64_t start = blocks / kChunkBlocks * kChunkBlocks, n = blocks - start;
+  Row(const uint8_t* codes, const uint8_t* scales, int64_t blocks, const uint8_t* end)
+      : codes(codes), scales(scales), blocks(blocks), full(blocks / kChunkBlocks), copied(false) {
+    const int64_t start = full * kChunkBlocks, n = blocks - start;
     if (n == 0) return;
-    std::memset(tail_codes, 0, sizeof tail_codes);
     std::memset(tail_scales, 0, sizeof tail_scales);
-    for (int64_t j = 0; j < 16; ++j) std::memcpy(tail_codes[j], codes + j * blocks + start, n);
     std::memcpy(tail_scales, scales + start, n);
+    copied = codes + 16 * blocks + kChunkBlocks > end;
+    if (!copied) return;
+    std::memset(tail_codes, 0, sizeof tail_codes);
+    for (int64_t j = 0; j < 16; ++j) std::memcpy(tail_codes[j], codes + j * blocks + start, n);
   }
-  bool Full(int64_t c) const { return (c + 1) * kChunkBlocks <= blocks; }
-  const uint8_t* Codes(int64_t c, int64_t j) const {
-    return Full(c) ? codes + j * blocks + c * kChunkBlocks : tail_codes[j];
-  }
-  const uint8_t* Scales(int64_t c) const { return Full(c) ? scales + c * kChunkBlocks : tail_scales; }
+  const uint8_t* Codes(int64_t c) const { return c < full || !copied ? codes + c * kChunkBlocks : tail_codes[0]; }
+  int64_t Stride(int64_t c) const { return c < full || !copied ? blocks : kChunkBlocks; }  // from byte j to j + 1
+  const uint8_t* Scales(int64_t c) const { return c < full ? scales + c * kChunkBlocks : tail_scales; }
 };
 
 #if defined(GPTOSS_MXFP4_AVX2)
-// 16 code bytes -> 32 values as 4 x 8 floats: low nibbles of bytes 0-7, 8-15, high nibbles 0-7, 8-15.
-// An e2m1 value's fp16 encoding has a zero low byte, so one byte shuffle gives all of it.
-inline void Decode16(const uint8_t* p, __m256* v) {
-  const __m128i table = _mm_setr_epi8(0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, static_cast<char>(0x80),
-                                      static_cast<char>(0xB8), static_cast<char>(0xBC), static_cast<char>(0xBE),
-                                      static_cast<char>(0xC0), static_cast<char>(0xC2), static_cast<char>(0xC4),
-                                      static_cast<char>(0xC6));
-  const __m128i nibble = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(b, nibble));
-  const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), nibble));
-  v[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, low));
-  v[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, low));
-  v[2] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, high));
-  v[3] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, high));
+// 16 code bytes of byte j and 16 of byte j + 1 (the same 16 blocks) -> 64 values as 8 x 8 floats,
+// in xp's order (v[4n + q]: nibble n, blocks 4q..4q+3 of byte j then of byte j + 1). A float32 e2m1
+// value has zero low bytes: two byte shuffles give its top two bytes, two unpacks place them.
+inline void Decode32(const uint8_t* byte_j, const uint8_t* byte_j1, __m256* v) {
+  const __m256i top = _mm256_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, -0x80, -0x41, -0x41, -0x41,
+                                       -0x40, -0x40, -0x40, -0x40, 0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,
+                                       -0x80, -0x41, -0x41, -0x41, -0x40, -0x40, -0x40, -0x40);  // 0x80, 0xBF, 0xC0
+  const __m256i second = _mm256_setr_epi8(0x00, 0x00, -0x80, -0x40, 0x00, 0x40, -0x80, -0x40, 0x00, 0x00, -0x80,
+                                          -0x40, 0x00, 0x40, -0x80, -0x40, 0x00, 0x00, -0x80, -0x40, 0x00, 0x40,
+                                          -0x80, -0x40, 0x00, 0x00, -0x80, -0x40, 0x00, 0x40, -0x80, -0x40);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const __m256i b = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(byte_j))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(byte_j1)), 1);
+  const __m256i codes[2] = {_mm256_and_si256(b, nibble), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble)};
+  for (int n = 0; n < 2; ++n) {
+    const __m256i hi = _mm256_shuffle_epi8(top, codes[n]), lo = _mm256_shuffle_epi8(second, codes[n]);
+    const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+    v[4 * n + 0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0));
+    v[4 * n + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0));
+    v[4 * n + 2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    v[4 * n + 3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+  }
 }
 
-inline void Scales16(const uint8_t* p, __m256* s) {  // 16 e8m0 bytes -> 2 x 8 floats
+// 16 e8m0 bytes -> s[q]: 2^(e - 127) of blocks 4q..4q+3, twice (xp's order).
+inline void Scales16(const uint8_t* p, __m256* s) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  s[0] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu8_epi32(b), 23));
-  s[1] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), 23));
+  const __m128i quarters[4] = {b, _mm_srli_si128(b, 4), _mm_srli_si128(b, 8), _mm_srli_si128(b, 12)};
+  for (int q = 0; q < 4; ++q) {
+    s[q] = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_slli_epi32(_mm_cvtepu8_epi32(quarters[q]), 23)));
+  }
 }
 
-// y[r] = xp[r] . W[o] for R rows (xp rows `width` apart), decoding straight into registers. With one
-// or two rows each takes four accumulators (the FMA latency, not the decode, would bound two).
+// y[r] = xp[r] . W[o] for R <= 2 rows (xp rows `width` apart), decoding straight into registers:
+// sums per quarter of blocks (their scale applied once per chunk), for one row also per nibble
+// (the FMA latency, not the decode, would bound fewer chains).
 template <int R>
 void FusedRow(const Row& row, const float* xp, int64_t width, int64_t chunks, float* y, int64_t y_stride) {
-  constexpr int A = R <= 2 ? 4 : 2;
+  constexpr int A = 4;
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
@@ -144,22 +165,20 @@ void FusedRow(const Row& row, const float* xp, int64_t width, int64_t chunks, fl
       for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
     }
     const float* xc = xp + c * kChunkFloats;
-    for (int64_t j = 0; j < 16; ++j) {
-      __m256 w[4];
-      Decode16(row.Codes(c, j), w);
+    const uint8_t* codes = row.Codes(c);
+    const int64_t stride = row.Stride(c);
+    for (int64_t p = 0; p < 8; ++p) {
+      __m256 w[8];
+      Decode32(codes + 2 * p * stride, codes + (2 * p + 1) * stride, w);
       for (int r = 0; r < R; ++r) {
-        const float* xr = xc + r * width + j * 32;
-        for (int q = 0; q < 4; ++q) acc[r][q % A] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(xr + 8 * q), acc[r][q % A]);
+        const float* xr = xc + r * width + p * 64;
+        for (int i = 0; i < 8; ++i) acc[r][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % A]);
       }
     }
-    __m256 s[2];
+    __m256 s[4];
     Scales16(row.Scales(c), s);
     for (int r = 0; r < R; ++r) {
-      // lanes: blocks 0-7 (low and high nibbles), blocks 8-15
-      const __m256 first = A == 4 ? _mm256_add_ps(acc[r][0], acc[r][2]) : acc[r][0];
-      const __m256 second = A == 4 ? _mm256_add_ps(acc[r][1], acc[r][3]) : acc[r][1];
-      total[r] = _mm256_fmadd_ps(first, s[0], total[r]);
-      total[r] = _mm256_fmadd_ps(second, s[1], total[r]);
+      for (int a = 0; a < A; ++a) total[r] = _mm256_fmadd_ps(acc[r][a], s[a % 4], total[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -170,64 +189,116 @@ void FusedRow(const Row& row, const float* xp, int64_t width, int64_t chunks, fl
 }
 #endif
 
-// W[o] decoded into buf [chunks * 512] in xp's order, the scales folded in.
+#if !defined(GPTOSS_MXFP4_AVX2)
+// W[o] decoded into buf [chunks * 512] in xp's order, the scales folded in, one code at a time.
 void DecodeRow(const Row& row, int64_t chunks, float* buf) {
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* scales = row.Scales(c);
     float* out = buf + c * kChunkFloats;
-#if defined(GPTOSS_MXFP4_AVX2)
-    __m256 s[2];
-    Scales16(scales, s);
     for (int64_t j = 0; j < 16; ++j) {
-      __m256 w[4];
-      Decode16(row.Codes(c, j), w);
-      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + j * 32 + 8 * q, _mm256_mul_ps(w[q], s[q % 2]));
-    }
-#else
-    for (int64_t j = 0; j < 16; ++j) {
-      const uint8_t* codes = row.Codes(c, j);
+      const uint8_t* codes = row.Codes(c) + j * row.Stride(c);
       for (int64_t b = 0; b < kChunkBlocks; ++b) {
         const float scale = ScaleOf(scales[b]);
-        out[j * 32 + b] = kFp4[codes[b] & 15] * scale;
-        out[j * 32 + 16 + b] = kFp4[codes[b] >> 4] * scale;
+        out[XpIndex(j, 0, b)] = kFp4[codes[b] & 15] * scale;
+        out[XpIndex(j, 1, b)] = kFp4[codes[b] >> 4] * scale;
       }
     }
-#endif
   }
 }
+#endif
 
-// y[r, o + p] = xp[r] . w[p] for R rows and P decoded rows w (`width` floats each).
-template <int R, int P>
-void Dots(const float* xp, const float* w, int64_t width, float* y, int64_t y_stride) {
-  F8 acc[R][P] = {};
-  for (int64_t i = 0; i < width; i += 8) {
-    F8 wv[P];
-    for (int p = 0; p < P; ++p) wv[p] = Load8(w + p * width + i);
+constexpr int64_t kPanel = 16;  // output rows decoded at a time ([3072 inputs][16] floats: 192 KB, in L2)
+
+// Output rows rows[0:count) (count <= kPanel) decoded into panel [width][kPanel] (input-major, in
+// xp's input order, the scales folded in; rows past count zero), for the outer products below.
+void DecodePanel(const Row* rows, int64_t count, int64_t chunks, float* panel, float* scratch) {
+  const int64_t width = chunks * kChunkFloats;
+#if defined(GPTOSS_MXFP4_AVX2)
+  (void)scratch;
+  alignas(32) float decoded[8][64];  // 8 output rows x the 64 values of a byte pair
+  for (int64_t half = 0; half < kPanel; half += 8) {
+    std::memset(decoded, 0, sizeof decoded);
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m256 s[8][4];
+      for (int64_t q = 0; q < 8 && half + q < count; ++q) Scales16(rows[half + q].Scales(c), s[q]);
+      for (int64_t pair = 0; pair < 8; ++pair) {
+        for (int64_t q = 0; q < 8 && half + q < count; ++q) {
+          const Row& row = rows[half + q];
+          const uint8_t* codes = row.Codes(c) + 2 * pair * row.Stride(c);
+          __m256 w[8];
+          Decode32(codes, codes + row.Stride(c), w);
+          for (int v = 0; v < 8; ++v) _mm256_store_ps(decoded[q] + 8 * v, _mm256_mul_ps(w[v], s[q][v % 4]));
+        }
+        for (int v = 0; v < 8; ++v) {  // 8 rows x 8 inputs -> 8 inputs x 8 rows
+          __m256 r[8];
+          for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(decoded[q] + 8 * v);
+          const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+          const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+          const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+          const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+          const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+          const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+          const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+          const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+          const __m256 out[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                                 _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                                 _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                                 _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+          float* dst = panel + (c * kChunkFloats + pair * 64 + 8 * v) * kPanel + half;
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * kPanel, out[i]);
+        }
+      }
+    }
+  }
+#else
+  for (int64_t q = 0; q < kPanel; ++q) {
+    if (q < count) DecodeRow(rows[q], chunks, scratch);
+    for (int64_t i = 0; i < width; ++i) panel[i * kPanel + q] = q < count ? scratch[i] : 0.0f;
+  }
+#endif
+}
+
+// y[r, 0:16) = xp[r] . panel for R rows of x (xp rows `width` apart): the panel's 16 columns in 2 x R
+// registers, one x value broadcast per input and row (an outer product per input).
+template <int R>
+void Outer(const float* xp, int64_t width, const float* panel, float* y, int64_t y_stride) {
+  F8 acc[R][2] = {};
+  for (int64_t i = 0; i < width; ++i) {
+    const F8 w0 = Load8(panel + i * kPanel), w1 = Load8(panel + i * kPanel + 8);
     for (int r = 0; r < R; ++r) {
-      const F8 xv = Load8(xp + r * width + i);
-      for (int p = 0; p < P; ++p) acc[r][p] += xv * wv[p];
+      const float xv = xp[r * width + i];
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int p = 0; p < P; ++p) y[r * y_stride + p] = Sum8(acc[r][p]);
+    std::memcpy(y + r * y_stride, &acc[r][0], sizeof acc[r][0]);
+    std::memcpy(y + r * y_stride + 8, &acc[r][1], sizeof acc[r][1]);
   }
 }
 
-constexpr int64_t kPanel = 16;  // decoded output rows at a time (16 x 2880 floats: 184 KB, in L2)
+constexpr int kOuterRows = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast: AVX2's 16 registers
 
-// y[r, 0:panel) = xp[r] . w[p] for n rows (each 4-row block of x over every pair of decoded rows
-// while it is in L1 / L2).
-void PanelDots(const float* xp, int64_t n, const float* w, int64_t panel, int64_t width, float* y, int64_t out) {
-  int64_t r = 0;
-  for (; r + 4 <= n; r += 4) {
-    int64_t p = 0;
-    for (; p + 2 <= panel; p += 2) Dots<4, 2>(xp + r * width, w + p * width, width, y + r * out + p, out);
-    if (p < panel) Dots<4, 1>(xp + r * width, w + p * width, width, y + r * out + p, out);
-  }
-  for (; r < n; ++r) {
-    int64_t p = 0;
-    for (; p + 2 <= panel; p += 2) Dots<1, 2>(xp + r * width, w + p * width, width, y + r * out + p, out);
-    if (p < panel) Dots<1, 1>(xp + r * width, w + p * width, width, y + r * out + p, out);
+// y[r, 0:count) = xp[r] . panel for the n rows of a group.
+void PanelProducts(const float* xp, int64_t n, int64_t width, const float* panel, int64_t count, float* y,
+                   int64_t out) {
+  alignas(32) float tile[kOuterRows * kPanel];
+  for (int64_t r = 0; r < n; r += kOuterRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kOuterRows, n - r));
+    const bool direct = count == kPanel;
+    float* dst = direct ? y + r * out : tile;
+    const int64_t stride = direct ? out : kPanel;
+    switch (rows) {
+      case 1: Outer<1>(xp + r * width, width, panel, dst, stride); break;
+      case 2: Outer<2>(xp + r * width, width, panel, dst, stride); break;
+      case 3: Outer<3>(xp + r * width, width, panel, dst, stride); break;
+      case 4: Outer<4>(xp + r * width, width, panel, dst, stride); break;
+      case 5: Outer<5>(xp + r * width, width, panel, dst, stride); break;
+      default: Outer<6>(xp + r * width, width, panel, dst, stride); break;
+    }
+    if (!direct) {
+      for (int k = 0; k < rows; ++k) std::memcpy(y + (r + k) * out, tile + k * kPanel, sizeof(float) * count);
+    }
   }
 }
 
@@ -235,6 +306,7 @@ struct Problem {
   const float* xp;  // [m, width]
   const uint8_t* codes;  // [g, out, 16, blocks]
   const uint8_t* scales;  // [g, out, blocks]
+  const uint8_t* end;  // of every layer's codes
   const int32_t* sizes;
   int64_t groups, m, blocks, chunks, width, out;
   float* y;  // [m, out]
@@ -242,7 +314,7 @@ struct Problem {
 
 // Output rows [o0, o1) of every group.
 void Work(const Problem& p, int64_t o0, int64_t o1) {
-  std::vector<float> buf(kPanel * p.width);
+  std::vector<float> panel(kPanel * p.width), scratch(p.width);
   int64_t start = 0;
   for (int64_t g = 0; g < p.groups && start < p.m; ++g) {
     const int64_t n = std::min<int64_t>(std::max<int32_t>(p.sizes[g], 0), p.m - start);
@@ -252,25 +324,30 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
     if (n == 0) continue;
     const uint8_t* codes = p.codes + g * p.out * 16 * p.blocks;
     const uint8_t* scales = p.scales + g * p.out * p.blocks;
-    auto row = [&](int64_t o) { return Row(codes + o * 16 * p.blocks, scales + o * p.blocks, p.blocks); };
+    auto row = [&](int64_t o) { return Row(codes + o * 16 * p.blocks, scales + o * p.blocks, p.blocks, p.end); };
 #if defined(GPTOSS_MXFP4_AVX2)
     if (n <= kFusedRows) {
       for (int64_t o = o0; o < o1; ++o) {
         const Row w = row(o);
         switch (n) {
           case 1: FusedRow<1>(w, xg, p.width, p.chunks, yg + o, p.out); break;
+          case 3: FusedRow<1>(w, xg + 2 * p.width, p.width, p.chunks, yg + 2 * p.out + o, p.out); [[fallthrough]];
           case 2: FusedRow<2>(w, xg, p.width, p.chunks, yg + o, p.out); break;
-          case 3: FusedRow<3>(w, xg, p.width, p.chunks, yg + o, p.out); break;
-          default: FusedRow<4>(w, xg, p.width, p.chunks, yg + o, p.out); break;
+          default:  // two passes of two rows: 16 sums in registers would leave none for the decode
+            FusedRow<2>(w, xg, p.width, p.chunks, yg + o, p.out);
+            FusedRow<2>(w, xg + 2 * p.width, p.width, p.chunks, yg + 2 * p.out + o, p.out);
         }
       }
       continue;
     }
 #endif
     for (int64_t o = o0; o < o1; o += kPanel) {
-      const int64_t panel = std::min(kPanel, o1 - o);
-      for (int64_t q = 0; q < panel; ++q) DecodeRow(row(o + q), p.chunks, buf.data() + q * p.width);
-      PanelDots(xg, n, buf.data(), panel, p.width, yg + o, p.out);
+      const int64_t count = std::min(kPanel, o1 - o);
+      std::vector<Row> rows;
+      rows.reserve(count);
+      for (int64_t q = 0; q < count; ++q) rows.push_back(row(o + q));
+      DecodePanel(rows.data(), count, p.chunks, panel.data(), scratch.data());
+      PanelProducts(xg, n, p.width, panel.data(), count, yg + o, p.out);
     }
   }
 }
@@ -293,7 +370,8 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> bloc
   const int64_t chunks = (k + kChunkBlocks - 1) / kChunkBlocks;
   std::vector<float> xp = Permute(x.typed_data(), m, in, chunks);
   Problem p{xp.data(), blocks.typed_data() + l * groups * out * kBlockBytes * k,
-            scales.typed_data() + l * groups * out * k, group_sizes.typed_data(), groups, m, k, chunks,
+            scales.typed_data() + l * groups * out * k, blocks.typed_data() + layers * groups * out * kBlockBytes * k,
+            group_sizes.typed_data(), groups, m, k, chunks,
             chunks * kChunkFloats, out, y->typed_data()};
   std::memset(p.y, 0, sizeof(float) * m * out);
   // threads only where the work pays for starting them (~20 us each); each an even share of rows

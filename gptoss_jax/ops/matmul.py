@@ -52,9 +52,10 @@ def merged(w: Weight) -> jax.Array:
     return bits.read(w).astype(jnp.float32)
 
 
-def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """einsum(spec, x, kernel) accumulated and returned in float32 (kernel a plain array)."""
-    kernel = bits.read(kernel)
+def _einsum(spec: str, x: jax.Array, weight: jax.Array | bits.LayerView) -> jax.Array:
+    """einsum(spec, x, weight) accumulated and returned in float32 (a plain array, or a view of one
+    layer of a stack)."""
+    kernel = bits.read(weight)  # (the native projection reads a view's stack in place instead)
 
     def plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
@@ -71,7 +72,7 @@ def _einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     def cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
         matrix = _as_matrix(spec, kernel)
         if matrix is not None and _native_projection_applies(matrix):
-            return _native_projection(x, kernel, matrix, plain)
+            return _native_projection(x, kernel, matrix, plain, weight)
         return two_rows(x, kernel) if rows == 1 else plain(x, kernel)
 
     return platform.select(x, kernel, cpu=cpu, default=plain)
@@ -107,15 +108,22 @@ def _native_projection_applies(matrix: jax.Array) -> bool:
     return native.supports(matrix, (2,)) and _native_here()
 
 
-def _native_projection(x: jax.Array, kernel: jax.Array, matrix: jax.Array, plain: Any) -> jax.Array:
-    """plain(x, kernel) (an einsum `_as_matrix` took apart) as x [m, in] @ matrix [in, out], natively."""
+def _native_projection(x: jax.Array, kernel: jax.Array, matrix: jax.Array, plain: Any,
+                       weight: jax.Array | bits.LayerView) -> jax.Array:
+    """plain(x, kernel) (an einsum `_as_matrix` took apart) as x [m, in] @ matrix [in, out], natively;
+    a `LayerView` weight's whole stack is handed over with its index (read in place)."""
     shape = jax.eval_shape(plain, x, kernel).shape
     rows = x.size // matrix.shape[0]
+    if isinstance(weight, bits.LayerView):
+        stack, layer = weight.stacked.reshape(-1, 1, *matrix.shape), weight.index  # [layers, 1, in, out]
+    else:
+        stack, layer = matrix[None], None
 
     def reference(x2d: jax.Array, w: jax.Array, sizes: jax.Array, layer: Any) -> jax.Array:
-        return jnp.dot(x2d, bits.read(w[0]), preferred_element_type=jnp.float32)
+        return jnp.dot(x2d, bits.read(w[0] if layer is None else bits.take(w, layer)[0]),
+                       preferred_element_type=jnp.float32)
 
-    y = native.grouped_matmul(x.reshape(rows, -1), matrix[None], jnp.full((1,), rows, jnp.int32), None,
+    y = native.grouped_matmul(x.reshape(rows, -1), stack, jnp.full((1,), rows, jnp.int32), layer,
                               reference=reference)
     return y.reshape(shape)
 
