@@ -51,6 +51,8 @@ CASES = {
     # and 40 rows (partial 32-row tiles), 2 streamed, 208 columns (per thread 128 + 80: 32-column tiles
     # and a tail of 16 for the float32 blocks)
     "tiles, threaded": (80, 96, 208, [5, 0, 33, 2, 40], None),
+    # threaded, one small group (a projection): its columns split between the threads, a column tail
+    "one group, threaded": (3, 640, 1000, [3], None),
 }
 
 

@@ -109,8 +109,8 @@ def available() -> bool:
 
 
 def mxfp4_decode() -> str:
-    """How the built MXFP4 kernel decodes codes: "avx2" (a byte shuffle into registers, AVX2 + F16C)
-    or "portable" (one code at a time, into a buffer). Needs `available()`."""
+    """How the built MXFP4 kernel decodes codes: "avx2" (byte shuffles into registers) or "portable"
+    (one code at a time, into a buffer). Needs `available()`."""
     _require()
     return "avx2" if _loaded[-1].GptossMxfp4Avx2() else "portable"
 
