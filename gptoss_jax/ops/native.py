@@ -35,6 +35,7 @@ from gptoss_jax.ops import bits
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_mxfp4.cc"))
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed",
            "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul"}
 """XLA custom-call targets -> the library's handler symbols."""
@@ -88,8 +89,8 @@ def available() -> bool:
         return False
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), jaxlib.__version__.encode(),
-                                     compiler.encode(), _cpu_flags().encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS),
+                                     jaxlib.__version__.encode(), compiler.encode(), _cpu_flags().encode(),
                                      " ".join(_extra_flags()).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("GPTOSS_JAX_NATIVE_CACHE", Path.home() / ".cache" / "gptoss-jax" / "native"))
     library = cache / f"cpu_kernels-{key}.so"
