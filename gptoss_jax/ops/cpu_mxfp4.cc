@@ -320,7 +320,7 @@ struct Problem {
 
 // Output rows [o0, o1) of every group.
 void Work(const Problem& p, int64_t o0, int64_t o1) {
-  std::vector<float> panel(kPanel * p.width), scratch(p.width);
+  std::vector<float> panel, scratch;  // for the panel path only (a decode step never allocates them)
   int64_t start = 0;
   for (int64_t g = 0; g < p.groups && start < p.m; ++g) {
     const int64_t n = std::min<int64_t>(std::max<int32_t>(p.sizes[g], 0), p.m - start);
@@ -347,6 +347,10 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
       continue;
     }
 #endif
+    if (panel.empty()) {
+      panel.resize(kPanel * p.width);
+      scratch.resize(p.width);
+    }
     for (int64_t o = o0; o < o1; o += kPanel) {
       const int64_t count = std::min(kPanel, o1 - o);
       std::vector<Row> rows;
