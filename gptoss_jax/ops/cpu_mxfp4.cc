@@ -122,8 +122,9 @@ struct Row {
 // in xp's order (v[4n + q]: nibble n, quarter q of the blocks of byte j, then of byte j + 1). A
 // float32 e2m1 value is a bfloat16 one: two byte shuffles give its two bytes, an unpack makes
 // them words, and a shift or a mask places the even or the odd words (14 shuffle-port operations
-// per 64 values; with fp16 bytes and vcvtph2ps 26, with dword unpacks 18: AMD EPYC (Zen 3), one
-// core, gate_up [2880, 5760] one row, ms per expert 1.43 / 1.24 / see bench_grouped_matmul.py).
+// per 64 values). AMD EPYC (Zen 3), one core, one expert's gate_up [2880, 5760] at one row, ms:
+// fp16 bytes + vcvtph2ps 1.43, dword unpacks 1.24, these words 1.21-1.27 (1.10 from L3): the loop
+// is compute-bound at ~7-8 GB/s of packed weights per core.
 inline void Decode32(const uint8_t* byte_j, const uint8_t* byte_j1, __m256* v) {
   const __m256i top = _mm256_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, -0x80, -0x41, -0x41, -0x41,
                                        -0x40, -0x40, -0x40, -0x40, 0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,
@@ -158,33 +159,31 @@ inline void Scales16(const uint8_t* p, __m256* s) {
 }
 
 // y[r] = xp[r] . W[o] for R <= 2 rows (xp rows `width` apart), decoding straight into registers:
-// sums per quarter of blocks (their scale applied once per chunk), for one row also per nibble
-// (the FMA latency, not the decode, would bound fewer chains).
+// per row four sums, one per quarter of the blocks (each quarter's scales applied once per chunk).
 template <int R>
 void FusedRow(const Row& row, const float* xp, int64_t width, int64_t chunks, float* y, int64_t y_stride) {
-  constexpr int A = 4;
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    __m256 acc[R][A];
+    __m256 acc[R][4];
     for (int r = 0; r < R; ++r) {
-      for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_ps();
     }
     const float* xc = xp + c * kChunkFloats;
     const uint8_t* codes = row.Codes(c);
-    const int64_t stride = row.Stride(c);
+  const int64_t stride = row.Stride(c);
     for (int64_t p = 0; p < 8; ++p) {
       __m256 w[8];
       Decode32(codes + 2 * p * stride, codes + (2 * p + 1) * stride, w);
       for (int r = 0; r < R; ++r) {
         const float* xr = xc + r * width + p * 64;
-        for (int i = 0; i < 8; ++i) acc[r][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % A]);
+        for (int i = 0; i < 8; ++i) acc[r][i % 4] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % 4]);
       }
     }
     __m256 s[4];
     Scales16(row.Scales(c), s);
     for (int r = 0; r < R; ++r) {
-      for (int a = 0; a < A; ++a) total[r] = _mm256_fmadd_ps(acc[r][a], s[a % 4], total[r]);
+      for (int q = 0; q < 4; ++q) total[r] = _mm256_fmadd_ps(acc[r][q], s[q], total[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
