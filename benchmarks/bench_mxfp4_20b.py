@@ -13,7 +13,8 @@ Steps, each in its own child process (so that its peak RSS, `ru_maxrss`, is its 
 4. `load_model` of it (experts stay MXFP4: uint8 blocks + scales, the rest bfloat16), a 64-token
    prompt, then `--new-tokens` greedy tokens through `stream_generate` (one jitted decode step per
    token): load seconds, prefill seconds, decode tokens/s (median step after the first, which
-   compiles); then a `--prefill-tokens` (512) prompt twice through `stream_generate` (one new
+   compiles), then the same with `Config.expert_activations` "int8" (x quantized to int8 blocks
+   entering the MXFP4 experts, as llama.cpp does: `--int8-activations`); then a `--prefill-tokens` (512) prompt twice through `stream_generate` (one new
    token): the second one's time to its first token is the warm prefill; peak RSS of the process;
 5. the fraction of the roofline: bytes one batch-1 decode token must read (4 experts per layer as
    packed MXFP4, attention / router / unembedding in bfloat16, the KV cache) / matvec bandwidth,
@@ -41,6 +42,7 @@ weights), more than this machine's 24 GiB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -91,14 +93,20 @@ def child_decode(args: argparse.Namespace) -> dict[str, Any]:
     load_seconds = time.perf_counter() - start
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
     prompt = random_prompt(config.vocab_size, args.prompt_tokens)
-    steps, tokens = [], []
-    start = time.perf_counter()
-    for step in gptoss_jax.stream_generate(config, params, [prompt], args.new_tokens, stop_tokens=[]):
-        now = time.perf_counter()
-        steps.append(now - start)
-        tokens.append(step[0])
-        start = now
+
+    def decode_steps(config: Any) -> tuple[list[float], list[int]]:
+        steps, tokens = [], []
+        start = time.perf_counter()
+        for step in gptoss_jax.stream_generate(config, params, [prompt], args.new_tokens, stop_tokens=[]):
+            now = time.perf_counter()
+            steps.append(now - start)
+            tokens.append(step[0])
+            start = now
+        return steps, tokens
+
+    steps, tokens = decode_steps(config)
     decode = steps[2:]  # steps[0]: prefill (+ compile); steps[1]: the decode step's compile
+    int8_steps, int8_tokens = decode_steps(dataclasses.replace(config, expert_activations="int8"))
     long_prompt = random_prompt(config.vocab_size, args.prefill_tokens, seed=1)
 
     def first_token_seconds() -> float:  # the prompt's prefill (one chunk of 512) and its sampled token
@@ -110,6 +118,7 @@ def child_decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"expert_format": config.expert_format, "load_seconds": load_seconds, "weight_bytes": weight_bytes,
             "prefill_seconds": steps[0], "first_decode_seconds": steps[1],
             "median_step_seconds": statistics.median(decode), "best_step_seconds": min(decode),
+            "int8_median_step_seconds": statistics.median(int8_steps[2:]), "int8_tokens": int8_tokens,
             "long_prefill_cold_seconds": cold, "long_prefill_seconds": first_token_seconds(),
             "tokens": tokens, "peak_rss": common.max_rss()}
 
@@ -199,6 +208,8 @@ def report_ours(args: argparse.Namespace, results: dict[str, Any]) -> None:
     rows += [("load", f"{d['load_seconds']:.1f} s"),
              (f"prefill {args.prompt_tokens} tokens (incl. compile)", f"{d['prefill_seconds']:.1f} s"),
              (f"decode, median of {args.new_tokens - 2} steps", f"{1 / step:.2f} tokens/s ({step * 1e3:.0f} ms)"),
+             ("decode, int8 activations (--int8-activations)",
+              f"{1 / d['int8_median_step_seconds']:.2f} tokens/s ({d['int8_median_step_seconds'] * 1e3:.0f} ms)"),
              (f"prefill {args.prefill_tokens} tokens (warm)", f"{d['long_prefill_seconds']:.1f} s "
                                                              f"(cold {d['long_prefill_cold_seconds']:.1f} s)"),
              ("bytes read per token", f"{need['total'] / 1e9:.2f} GB (experts {need['experts'] / 1e9:.2f}, "
@@ -223,6 +234,8 @@ def side_by_side(args: argparse.Namespace, results: dict[str, Any]) -> None:
     ours, theirs = results.get("decode", {}), results.get("llamacpp", {})
     figures = [(f"decode b=1, tokens/s (prompt {args.prompt_tokens})",
                 lambda r: 1 / r["median_step_seconds"]),
+               ("decode b=1, int8 activations as llama.cpp's, tokens/s",
+                lambda r: 1 / r.get("int8_median_step_seconds", r["median_step_seconds"])),
                (f"prefill {args.prefill_tokens} tokens (warm), tokens/s",
                 lambda r: args.prefill_tokens / r["long_prefill_seconds"]),
                ("peak RSS, GiB", lambda r: r["peak_rss"] / GIB)]

@@ -17,6 +17,7 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 EXPERT_FORMATS = ("dense", "mxfp4")
+EXPERT_ACTIVATIONS = ("float", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Config:
     expert_format: str = "dense"
     """How the expert matrices are held: "dense" (the params' float dtype) or "mxfp4" (packed e2m1
     blocks + e8m0 scales, as released, dequantized tile by tile inside the compiled model)."""
+    expert_activations: str = "float"
+    """How MXFP4 experts take their input on CPU: "float" (float32, exact against the dequantized
+    weights), or "int8": in decode (at most 4 rows per expert) each row quantized per block of 32 to
+    int8 with a float scale, as llama.cpp does (Q8_0; relative error ~0.5% per expert product, see
+    `ops.cpu_mxfp4.cc`); faster, off by default. A runtime choice: not saved with a checkpoint."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -67,6 +73,8 @@ class Config:
             fail(f"experts_per_token ({self.experts_per_token}) > num_experts ({self.num_experts})")
         if self.expert_format not in EXPERT_FORMATS:
             fail(f"expert_format must be one of {EXPERT_FORMATS}, got {self.expert_format!r}")
+        if self.expert_activations not in EXPERT_ACTIVATIONS:
+            fail(f"expert_activations must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activations!r}")
         if self.expert_format == "mxfp4" and (self.hidden % 32 or self.intermediate % 32):
             fail(f"mxfp4 experts need hidden ({self.hidden}) and intermediate ({self.intermediate}) to be "
                  "multiples of the 32-value block")

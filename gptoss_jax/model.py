@@ -159,7 +159,7 @@ class MoE(nnx.Module):
         return moe.experts(x.astype(self.gate_up_bias.dtype), expert_ids, expert_weights, self.gate_up.get_value(),
                            self.gate_up_bias.get_value(), self.down.get_value(), self.down_bias.get_value(),
                            alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit, layer=layer,
-                           valid=valid)
+                           valid=valid, activations=self.config.expert_activations)
 
 
 class Block(nnx.Module):

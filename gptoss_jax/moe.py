@@ -46,21 +46,23 @@ def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
 
 def expert_ffn(x_sorted: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, gate_up: Any,
                gate_up_bias: jax.Array, down: Any, down_bias: jax.Array, *, alpha: float, limit: float,
-               layer: jax.Array | None = None, tile: int | None = None) -> jax.Array:
+               layer: jax.Array | None = None, tile: int | None = None, activations: str = "float") -> jax.Array:
     """The experts on rows sorted by expert: x_sorted [a, d], expert_ids [a] (rows past the groups
     are ignored), group_sizes [e] -> float32 [a, d]. gate_up [e, d, 2i], down [e, i, d] are any
-    weights (`ops.matmul.grouped_matmul`), stacked over layers when `layer` is given."""
+    weights (`ops.matmul.grouped_matmul`, which `activations` goes to), stacked over layers when
+    `layer` is given."""
     idx = jnp.clip(expert_ids, 0, gate_up_bias.shape[0] - 1)
-    hidden = matmul.grouped_matmul(x_sorted, gate_up, group_sizes, layer, tile)
+    hidden = matmul.grouped_matmul(x_sorted, gate_up, group_sizes, layer, tile, activations)
     hidden = hidden + gate_up_bias[idx].astype(jnp.float32)
     activated = swiglu(hidden, alpha, limit).astype(x_sorted.dtype)
-    y = matmul.grouped_matmul(activated, down, group_sizes, layer, tile)
+    y = matmul.grouped_matmul(activated, down, group_sizes, layer, tile, activations)
     return y + down_bias[idx].astype(jnp.float32)
 
 
 def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate_up: Any,
             gate_up_bias: jax.Array, down: Any, down_bias: jax.Array, *, alpha: float,
-            limit: float, layer: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
+            limit: float, layer: jax.Array | None = None, valid: jax.Array | None = None,
+            activations: str = "float") -> jax.Array:
     """Weighted sum of each token's routed experts.
 
     x [..., d]; expert_ids, expert_weights [..., k]; gate_up [e, d, 2i]; gate_up_bias [e, 2i];
@@ -69,6 +71,7 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     Tokens where `valid` bool [...] is False (padding) skip the experts on one device: their rows
     sort past the last group, so an idle decode slot or a prompt chunk's padding multiplies no
     expert weight, and their output is zero (the mesh path computes them as any token).
+    `activations`: `Config.expert_activations` (one device only).
     """
     distribution = parallel.current()
     if distribution is not None:
@@ -82,7 +85,7 @@ def experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, gate
     order = jnp.argsort(flat_ids, stable=True)  # assignments sorted by expert
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     y_sorted = expert_ffn(tokens[order // top_k], flat_ids[order], group_sizes, gate_up, gate_up_bias, down,
-                          down_bias, alpha=alpha, limit=limit, layer=layer)
+                          down_bias, alpha=alpha, limit=limit, layer=layer, activations=activations)
     if valid is not None:  # whatever a platform's grouped matmul leaves in rows past the groups
         y_sorted = jnp.where((flat_ids[order] < num_experts)[:, None], y_sorted, 0.0)
     y = y_sorted[jnp.argsort(order)].reshape(-1, top_k, shape[-1])

@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +36,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu_pool.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -299,9 +299,9 @@ template <typename W>
 void Run(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64_t m, int64_t in, int64_t out,
          float* y) {
   std::memset(y, 0, sizeof(float) * m * out);
-  // Threads only where the work pays for starting them (~20 us each).
+  // the pool's threads only where the work pays for waking them
   const int64_t work = m * in * out;
-  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int hardware = gptoss::Pool::Get().Threads();
   const int64_t blocks = (out + kColumns - 1) / kColumns;
   const int threads = work < (int64_t{1} << 20) ? 1 : static_cast<int>(std::min<int64_t>(hardware, blocks));
   const int64_t per = (blocks + threads - 1) / threads * kColumns;
@@ -315,13 +315,10 @@ void Run(const float* x, const W* w, const int32_t* sizes, int64_t groups, int64
   }
 #endif
   const uint16_t* xb = rounded.empty() ? nullptr : rounded.data();
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
+  gptoss::Pool::Get().Run(threads, [&](int t) {
     const int64_t c0 = std::min(out, t * per), c1 = std::min(out, c0 + per);
-    pool.emplace_back(Work<W>, x, xb, w, sizes, groups, m, in, out, y, c0, c1, t, threads);
-  }
-  Work<W>(x, xb, w, sizes, groups, m, in, out, y, 0, std::min(out, per), 0, threads);
-  for (auto& thread : pool) thread.join();
+    Work<W>(x, xb, w, sizes, groups, m, in, out, y, c0, c1, t, threads);
+  });
 }
 
 ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
@@ -511,18 +508,14 @@ void UnembedValid(const X* x, const W* t, const int32_t* valid, int64_t m, int64
   }
   const int64_t n = static_cast<int64_t>(xs.size());
   if (n == 0) return;
-  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int threads = n * d * v < (int64_t{1} << 20) ? 1 : hardware;
+  const int threads = n * d * v < (int64_t{1} << 20) ? 1 : gptoss::Pool::Get().Threads();
   // table rows split in multiples of 16, so that the tiles and the dot products share the same rows
   // whatever the number of threads (a row of x gets the same logits whatever the other rows)
   const int64_t per = ((v + threads - 1) / threads + 15) / 16 * 16;
-  std::vector<std::thread> pool;
-  for (int k = 1; k < threads; ++k) {
-    const int64_t j0 = k * per, j1 = std::min(v, j0 + per);
-    if (j0 < j1) pool.emplace_back(UnembedRows<X, W>, xs.data(), t, n, d, ys.data(), j0, j1);
-  }
-  UnembedRows<X, W>(xs.data(), t, n, d, ys.data(), 0, std::min(v, per));
-  for (auto& thread : pool) thread.join();
+  gptoss::Pool::Get().Run(threads, [&](int k) {
+    const int64_t j0 = std::min(v, k * per), j1 = std::min(v, j0 + per);
+    if (j0 < j1) UnembedRows<X, W>(xs.data(), t, n, d, ys.data(), j0, j1);
+  });
 }
 
 template <typename W>

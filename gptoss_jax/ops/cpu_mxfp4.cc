@@ -19,9 +19,9 @@
 // Output rows are split between threads.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -29,6 +29,7 @@
 #define GPTOSS_MXFP4_AVX2 1
 #endif
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -89,33 +90,35 @@ std::vector<float> Permute(const float* x, int64_t m, int64_t in, int64_t chunks
   return xp;
 }
 
-// One output row's codes and scales, chunk by chunk: chunk c's 16 bytes of byte j, and its 16
-// scales. When the blocks do not fill the last chunk, its scales are copied zero-padded (nothing is
-// added past the row: the codes read there, finite, meet zero scales and zero inputs), and so are
-// its codes where reading on would pass the end of the weight (`end`).
-struct Row {
+// One output row's codes and scales, chunk by chunk (C blocks per chunk): chunk c's C bytes of byte
+// j, and its C scales. When the blocks do not fill the last chunk, its scales are copied zero-padded
+// (nothing is added past the row: the codes read there, finite, meet zero scales and zero inputs),
+// and so are its codes where reading on would pass the end of the weight (`end`).
+template <int64_t C>
+struct ChunkedRow {
   const uint8_t* codes;  // [16, blocks]
   const uint8_t* scales;  // [blocks]
-  int64_t blocks, full;  // full: chunks of 16 blocks read in place
+  int64_t blocks, full;  // full: chunks of C blocks read in place
   bool copied;
-  alignas(16) uint8_t tail_scales[kChunkBlocks];
-  alignas(16) uint8_t tail_codes[16][kChunkBlocks];
+  alignas(32) uint8_t tail_scales[C];
+  alignas(32) uint8_t tail_codes[16][C];
 
-  Row(const uint8_t* codes, const uint8_t* scales, int64_t blocks, const uint8_t* end)
-      : codes(codes), scales(scales), blocks(blocks), full(blocks / kChunkBlocks), copied(false) {
-    const int64_t start = full * kChunkBlocks, n = blocks - start;
+  ChunkedRow(const uint8_t* codes, const uint8_t* scales, int64_t blocks, const uint8_t* end)
+      : codes(codes), scales(scales), blocks(blocks), full(blocks / C), copied(false) {
+    const int64_t start = full * C, n = blocks - start;
     if (n == 0) return;
     std::memset(tail_scales, 0, sizeof tail_scales);
     std::memcpy(tail_scales, scales + start, n);
-    copied = codes + 16 * blocks + kChunkBlocks > end;
+    copied = codes + 16 * blocks + C > end;
     if (!copied) return;
     std::memset(tail_codes, 0, sizeof tail_codes);
     for (int64_t j = 0; j < 16; ++j) std::memcpy(tail_codes[j], codes + j * blocks + start, n);
   }
-  const uint8_t* Codes(int64_t c) const { return c < full || !copied ? codes + c * kChunkBlocks : tail_codes[0]; }
-  int64_t Stride(int64_t c) const { return c < full || !copied ? blocks : kChunkBlocks; }  // from byte j to j + 1
-  const uint8_t* Scales(int64_t c) const { return c < full ? scales + c * kChunkBlocks : tail_scales; }
+  const uint8_t* Codes(int64_t c) const { return c < full || !copied ? codes + c * C : tail_codes[0]; }
+  int64_t Stride(int64_t c) const { return c < full || !copied ? blocks : C; }  // from byte j to j + 1
+  const uint8_t* Scales(int64_t c) const { return c < full ? scales + c * C : tail_scales; }
 };
+using Row = ChunkedRow<kChunkBlocks>;
 
 #if defined(GPTOSS_MXFP4_AVX2)
 // 16 code bytes of byte j and 16 of byte j + 1 (the same 16 blocks) -> 64 values as 8 x 8 floats,
@@ -191,6 +194,140 @@ void FusedRow(const Row& row, const float* xp, int64_t width, int64_t chunks, fl
     std::memcpy(&t, &total[r], sizeof t);
     y[r * y_stride] = Sum8(t);
   }
+}
+#endif
+
+// With int8_activations (off by default), groups of at most kFusedRows rows multiply as llama.cpp
+// multiplies MXFP4 weights: each row of x quantized per block of 32 inputs to int8 with one float
+// scale (Q8_0: d = max|x| / 127, q = round(x / d)), the codes looked up as doubled e2m1 values
+// offset to be unsigned (2 v + 12: 0..24), byte products summed exactly in int32 per block, and each
+// block's sum scaled once: y = sum_k (d_k / 2) 2^(e_k - 127) (S_k - 12 sum(q_k)). Only x's rounding
+// differs from the float kernel. Larger groups (prefill) keep the float panel path.
+constexpr int64_t kQBlocks = 32;  // blocks per chunk of the int8 path
+using QRow = ChunkedRow<kQBlocks>;
+
+// Where input 32 b + 4 p + t of a chunk's block b < 32 lies in the chunk's 1024 quantized values:
+// per pair p of code bytes (2p, 2p + 1), four registers g of 32 bytes, register g holding blocks
+// 4g..4g+3 in its low half and 16+4g..16+4g+3 in its high half, 4 inputs each: the order
+// `FusedInt8` decodes the codes in. `QLane`: where block b's scale lies in the chunk's [4][8].
+inline int64_t QIndex(int64_t b, int64_t p, int64_t t) {
+  return (p * 4 + (b % 16) / 4) * 32 + (b / 16) * 16 + (b % 4) * 4 + t;
+}
+inline int64_t QLane(int64_t b) { return ((b % 16) / 4) * 8 + (b / 16) * 4 + b % 4; }
+
+struct QuantizedX {  // rows of x, Q8_0
+  int64_t chunks;
+  std::vector<int8_t> q;  // [m, chunks, 1024] (`QIndex`)
+  std::vector<float> half_scale;  // [m, chunks, 32] (`QLane`): d / 2, as the codes are doubled
+  std::vector<int32_t> offset;  // [m, chunks, 32]: 12 times the block's sum of q (the codes' offset)
+};
+
+QuantizedX Quantize(const float* x, int64_t m, int64_t in) {
+  const int64_t blocks = in / 32, chunks = (blocks + kQBlocks - 1) / kQBlocks;
+  QuantizedX qx{chunks, std::vector<int8_t>(m * chunks * kQBlocks * 32, 0),
+                std::vector<float>(m * chunks * kQBlocks, 0.0f), std::vector<int32_t>(m * chunks * kQBlocks, 0)};
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* src = x + r * in + 32 * k;
+      float amax = 0.0f, poison = 0.0f;  // poison: NaN if the block holds a NaN or an infinity
+      for (int t = 0; t < 32; ++t) {
+        amax = std::max(amax, std::fabs(src[t]));
+        poison += 0.0f * src[t];
+      }
+      const float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+      const int64_t chunk = r * chunks + k / kQBlocks, b = k % kQBlocks;
+      int32_t sum = 0;
+      for (int t = 0; t < 32; ++t) {
+        const int v = static_cast<int>(std::nearbyint(src[t] * inverse));
+        qx.q[chunk * kQBlocks * 32 + QIndex(b, t / 4, t % 4)] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      qx.half_scale[chunk * kQBlocks + QLane(b)] = 0.5f * d + poison;
+      qx.offset[chunk * kQBlocks + QLane(b)] = 12 * sum;
+    }
+  }
+  return qx;
+}
+
+#if defined(GPTOSS_MXFP4_AVX2)
+// y[r] = x[r0 + r] . W[o] for R <= 2 quantized rows: per pair of code bytes, 64 bytes of codes (32
+// blocks) give four registers of 32 unsigned weights (two unpacks, two nibble masks, two shuffles
+// each half), multiplied with x's bytes (maddubs) and summed into int32 per block (madd).
+template <int R>
+void FusedInt8(const QRow& row, const QuantizedX& qx, int64_t r0, float* y, int64_t y_stride) {
+  const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15,
+                                         16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < qx.chunks; ++c) {
+    __m256i acc[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_setzero_si256();
+    }
+    const uint8_t* codes = row.Codes(c);
+    const int64_t stride = row.Stride(c);
+    const int8_t* xq = qx.q.data() + (r0 * qx.chunks + c) * kQBlocks * 32;
+    const int64_t x_stride = qx.chunks * kQBlocks * 32;
+    for (int64_t p = 0; p < 8; ++p) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p * stride));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (2 * p + 1) * stride));
+      const __m256i pairs[2] = {_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i lo = _mm256_and_si256(pairs[h], nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(pairs[h], 4), nibble);
+        const __m256i w[2] = {_mm256_shuffle_epi8(table, _mm256_unpacklo_epi8(lo, hi)),
+                              _mm256_shuffle_epi8(table, _mm256_unpackhi_epi8(lo, hi))};
+        for (int e = 0; e < 2; ++e) {
+          for (int r = 0; r < R; ++r) {
+            const __m256i xv =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * x_stride + (p * 4 + 2 * h + e) * 32));
+            acc[r][2 * h + e] = _mm256_add_epi32(acc[r][2 * h + e], _mm256_madd_epi16(_mm256_maddubs_epi16(w[e], xv), ones));
+          }
+        }
+      }
+    }
+    const __m256i s = _mm256_permutevar8x32_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.Scales(c))), order);
+    const __m128i halves[2] = {_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)};
+    for (int g = 0; g < 4; ++g) {
+      const __m128i bytes = g % 2 ? _mm_srli_si128(halves[g / 2], 8) : halves[g / 2];
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu8_epi32(bytes), 23));
+      for (int r = 0; r < R; ++r) {
+        const int64_t lane = ((r0 + r) * qx.chunks + c) * kQBlocks + 8 * g;
+        const __m256i sums = _mm256_sub_epi32(
+            acc[r][g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.offset.data() + lane)));
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                                   _mm256_mul_ps(_mm256_loadu_ps(qx.half_scale.data() + lane), scale), total[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    F8 t;
+    std::memcpy(&t, &total[r], sizeof t);
+    y[r * y_stride] = Sum8(t);
+  }
+}
+#else
+// The same one code at a time (exact integer sums; the float sums in another order).
+void FusedInt8(const QRow& row, const QuantizedX& qx, int64_t r, float* y) {
+  constexpr int kDoubled[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+  float total = 0.0f;
+  for (int64_t c = 0; c < qx.chunks; ++c) {
+    const int8_t* xq = qx.q.data() + (r * qx.chunks + c) * kQBlocks * 32;
+    for (int64_t b = 0; b < kQBlocks; ++b) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t code = row.Codes(c)[j * row.Stride(c) + b];
+        sum += kDoubled[code & 15] * xq[QIndex(b, j / 2, 2 * (j % 2))] +
+               kDoubled[code >> 4] * xq[QIndex(b, j / 2, 2 * (j % 2) + 1)];
+      }
+      const int64_t lane = (r * qx.chunks + c) * kQBlocks + QLane(b);
+      total += static_cast<float>(sum - qx.offset[lane]) * (qx.half_scale[lane] * ScaleOf(row.Scales(c)[b]));
+    }
+  }
+  *y = total;
 }
 #endif
 
@@ -315,6 +452,7 @@ struct Problem {
   const int32_t* sizes;
   int64_t groups, m, blocks, chunks, width, out;
   float* y;  // [m, out]
+  const QuantizedX* qx;  // x quantized (int8_activations), else null
 };
 
 // Output rows [o0, o1) of every group.
@@ -330,6 +468,21 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
     const uint8_t* codes = p.codes + g * p.out * 16 * p.blocks;
     const uint8_t* scales = p.scales + g * p.out * p.blocks;
     auto row = [&](int64_t o) { return Row(codes + o * 16 * p.blocks, scales + o * p.blocks, p.blocks, p.end); };
+    if (p.qx != nullptr && n <= kFusedRows) {
+      const int64_t r0 = start - n;
+      for (int64_t o = o0; o < o1; ++o) {
+        const QRow w(codes + o * 16 * p.blocks, scales + o * p.blocks, p.blocks, p.end);
+#if defined(GPTOSS_MXFP4_AVX2)
+        for (int64_t r = 0; r < n; r += 2) {
+          if (n - r == 1) FusedInt8<1>(w, *p.qx, r0 + r, yg + r * p.out + o, p.out);
+          else FusedInt8<2>(w, *p.qx, r0 + r, yg + r * p.out + o, p.out);
+        }
+#else
+        for (int64_t r = 0; r < n; ++r) FusedInt8(w, *p.qx, r0 + r, yg + r * p.out + o);
+#endif
+      }
+      continue;
+    }
 #if defined(GPTOSS_MXFP4_AVX2)
     if (n <= kFusedRows) {
       for (int64_t o = o0; o < o1; ++o) {
@@ -363,7 +516,7 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
 
 ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
                               ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> group_sizes,
-                              ffi::ResultBuffer<ffi::F32> y) {
+                              ffi::ResultBuffer<ffi::F32> y, int32_t int8_activations) {
   const auto xd = x.dimensions();
   const auto bd = blocks.dimensions();
   const auto sd = scales.dimensions();
@@ -378,22 +531,21 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> bloc
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1);
   const int64_t chunks = (k + kChunkBlocks - 1) / kChunkBlocks;
   std::vector<float> xp = Permute(x.typed_data(), m, in, chunks);
+  QuantizedX qx;
+  if (int8_activations) qx = Quantize(x.typed_data(), m, in);
   Problem p{xp.data(), blocks.typed_data() + l * groups * out * kBlockBytes * k,
             scales.typed_data() + l * groups * out * k, blocks.typed_data() + layers * groups * out * kBlockBytes * k,
             group_sizes.typed_data(), groups, m, k, chunks,
-            chunks * kChunkFloats, out, y->typed_data()};
+            chunks * kChunkFloats, out, y->typed_data(), int8_activations ? &qx : nullptr};
   std::memset(p.y, 0, sizeof(float) * m * out);
-  // threads only where the work pays for starting them (~20 us each); each an even share of rows
-  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int threads = m * in * out < (int64_t{1} << 20) ? 1 : static_cast<int>(std::min<int64_t>(hardware, out / 2));
+  // the pool's threads only where the work pays for waking them; each an even share of rows
+  auto& pool = gptoss::Pool::Get();
+  const int threads = m * in * out < (int64_t{1} << 20) ? 1 : static_cast<int>(std::min<int64_t>(pool.Threads(), out / 2));
   const int64_t per = (out / std::max(threads, 1) + 1) / 2 * 2;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
+  pool.Run(threads, [&](int t) {
     const int64_t o0 = std::min(out, t * per), o1 = t + 1 == threads ? out : std::min(out, o0 + per);
-    pool.emplace_back([&p, o0, o1] { Work(p, o0, o1); });
-  }
-  Work(p, 0, threads > 1 ? std::min(out, per) : out);
-  for (auto& thread : pool) thread.join();
+    Work(p, o0, o1);
+  });
   return ffi::Error::Success();
 }
 
@@ -415,4 +567,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4GroupedMatmul, Mxfp4GroupedMatmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("int8_activations"));

@@ -222,7 +222,7 @@ def _native_unembed_applies(x: jax.Array, table: jax.Array) -> bool:
 # The grouped expert matmul
 
 def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.Array | None = None,
-                   tile: int | None = None) -> jax.Array:
+                   tile: int | None = None, activations: str = "float") -> jax.Array:
     """Rows of x [m, in] grouped consecutively (group_sizes [g]) times w [g, in, out] -> float32 [m, out],
     zero past the last group. The one grouped matmul of the experts, on one device and inside
     `gptoss_jax.sharding`'s shard_map.
@@ -230,7 +230,8 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
     With `layer`, w holds every layer's matrices ([layers, g, in, out]) and `layer` picks one: a scan
     over layers then reads the weights in place, where a slice taken outside would be copied. w may
     be quantized (decoded per tile) or `Adapted` (per-group factors a [g, in, r], b [g, r, out] of this
-    layer, the base stacked as above).
+    layer, the base stacked as above). `activations` "int8" lets the native MXFP4 kernel quantize x
+    in decode (`Config.expert_activations`); every other path takes x as it is.
     """
     base = w.base if isinstance(w, Adapted) else w
     tiled = functools.partial(_tiled_grouped_matmul, tile=tile)  # (x, w, group_sizes, layer)
@@ -238,7 +239,7 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, layer: jax.A
         def quantized_cpu(x: jax.Array, w: Weight, group_sizes: jax.Array) -> jax.Array:
             if isinstance(w, MXFP4Weight) and _native_here():
                 return native.mxfp4_grouped_matmul(x, w.blocks, w.scales, group_sizes, layer,
-                                                   reference=_tiled_mxfp4)
+                                                   reference=_tiled_mxfp4, int8_activations=activations == "int8")
             return tiled(x, w, group_sizes, layer)
 
         return platform.select(x, w, group_sizes, cpu=quantized_cpu,

@@ -29,13 +29,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptoss_jax.ops import bits
 
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_mxfp4.cc"))
-HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
+HEADERS = (Path(__file__).with_name("cpu_simd.h"), Path(__file__).with_name("cpu_pool.h"))
 TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed",
            "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul"}
 """XLA custom-call targets -> the library's handler symbols."""
@@ -201,34 +202,38 @@ _unembed.defvjp(_unembed_forward, _unembed_backward)
 
 
 def mxfp4_grouped_matmul(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Array,
-                         layer: jax.Array | None, reference: Callable[..., jax.Array]) -> jax.Array:
+                         layer: jax.Array | None, reference: Callable[..., jax.Array],
+                         int8_activations: bool = False) -> jax.Array:
     """x [m, in] grouped by group_sizes [g] times the MXFP4 matrices blocks uint8 [(layers,) g, out, 16,
     in/32] / scales uint8 [(layers,) g, out, in/32] (`ops.mxfp4`'s layout; at `layer` when stacked)
     -> float32 [m, out], zero past the last group; the codes are decoded as they are read.
     `reference(x, blocks, scales, group_sizes, layer)` computes the same in pure JAX: its derivative in x is this
-    one's. Needs `available()`."""
+    one's. With `int8_activations`, groups of at most 4 rows take x quantized per block of 32 to int8
+    (Q8_0, as llama.cpp does; `Config.expert_activations`). Needs `available()`."""
     _require()
-    return _mxfp4_product(reference, x, blocks, scales, group_sizes, layer)
+    return _mxfp4_product(reference, int8_activations, x, blocks, scales, group_sizes, layer)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mxfp4_product(reference: Callable[..., jax.Array], x: jax.Array, blocks: jax.Array, scales: jax.Array,
-                   group_sizes: jax.Array, layer: jax.Array | None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mxfp4_product(reference: Callable[..., jax.Array], int8_activations: bool, x: jax.Array, blocks: jax.Array,
+                   scales: jax.Array, group_sizes: jax.Array, layer: jax.Array | None) -> jax.Array:
     del reference
     stacked = layer is not None
     index = jnp.asarray(layer if stacked else 0, jnp.int32).reshape(1)
     call = jax.ffi.ffi_call("gptoss_mxfp4_grouped_matmul",
                             jax.ShapeDtypeStruct((x.shape[0], blocks.shape[-3]), jnp.float32))
     return call(x.astype(jnp.float32), blocks if stacked else blocks[None], scales if stacked else scales[None],
-                index, group_sizes.astype(jnp.int32))
+                index, group_sizes.astype(jnp.int32), int8_activations=np.int32(int8_activations))
 
 
-def _mxfp4_forward(reference: Callable[..., jax.Array], x: jax.Array, blocks: jax.Array, scales: jax.Array,
-                   group_sizes: jax.Array, layer: jax.Array | None) -> tuple[jax.Array, tuple]:
-    return _mxfp4_product(reference, x, blocks, scales, group_sizes, layer), (x, blocks, scales, group_sizes, layer)
+def _mxfp4_forward(reference: Callable[..., jax.Array], int8_activations: bool, x: jax.Array, blocks: jax.Array,
+                   scales: jax.Array, group_sizes: jax.Array, layer: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return (_mxfp4_product(reference, int8_activations, x, blocks, scales, group_sizes, layer),
+            (x, blocks, scales, group_sizes, layer))
 
 
-def _mxfp4_backward(reference: Callable[..., jax.Array], saved: tuple, dy: jax.Array) -> tuple:
+def _mxfp4_backward(reference: Callable[..., jax.Array], int8_activations: bool, saved: tuple,
+                    dy: jax.Array) -> tuple:
     x, blocks, scales, group_sizes, layer = saved
     (dx,) = jax.vjp(lambda x: reference(x, blocks, scales, group_sizes, layer), x)[1](dy)
     return dx, None, None, None, None
