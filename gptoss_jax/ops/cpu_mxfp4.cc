@@ -270,22 +270,31 @@ void FusedInt8(const QRow& row, const QuantizedX& qx, int64_t r0, float* y, int6
     const int64_t stride = row.Stride(c);
     const int8_t* xq = qx.q.data() + (r0 * qx.chunks + c) * kQBlocks * 32;
     const int64_t x_stride = qx.chunks * kQBlocks * 32;
-    for (int64_t p = 0; p < 8; ++p) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p * stride));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (2 * p + 1) * stride));
-      const __m256i pairs[2] = {_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b)};
-      for (int h = 0; h < 2; ++h) {
-        const __m256i lo = _mm256_and_si256(pairs[h], nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(pairs[h], 4), nibble);
-        const __m256i w[2] = {_mm256_shuffle_epi8(table, _mm256_unpacklo_epi8(lo, hi)),
-                              _mm256_shuffle_epi8(table, _mm256_unpackhi_epi8(lo, hi))};
-        for (int e = 0; e < 2; ++e) {
-          for (int r = 0; r < R; ++r) {
-            const __m256i xv =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * x_stride + (p * 4 + 2 * h + e) * 32));
-            acc[r][2 * h + e] = _mm256_add_epi32(acc[r][2 * h + e], _mm256_madd_epi16(_mm256_maddubs_epi16(w[e], xv), ones));
+    for (int64_t half = 0; half < 8; half += 4) {  // int16 sums over 4 pairs: |sum| <= 4 x 2 x 24 x 127 < 2^15
+      __m256i sums[R][4];
+      for (int r = 0; r < R; ++r) {
+        for (int g = 0; g < 4; ++g) sums[r][g] = _mm256_setzero_si256();
+      }
+      for (int64_t p = half; p < half + 4; ++p) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p * stride));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (2 * p + 1) * stride));
+        const __m256i pairs[2] = {_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b)};
+        for (int h = 0; h < 2; ++h) {
+          const __m256i lo = _mm256_and_si256(pairs[h], nibble);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(pairs[h], 4), nibble);
+          const __m256i w[2] = {_mm256_shuffle_epi8(table, _mm256_unpacklo_epi8(lo, hi)),
+                                _mm256_shuffle_epi8(table, _mm256_unpackhi_epi8(lo, hi))};
+          for (int e = 0; e < 2; ++e) {
+            for (int r = 0; r < R; ++r) {
+              const __m256i xv = _mm256_loadu_si256(
+                  reinterpret_cast<const __m256i*>(xq + r * x_stride + (p * 4 + 2 * h + e) * 32));
+              sums[r][2 * h + e] = _mm256_add_epi16(sums[r][2 * h + e], _mm256_maddubs_epi16(w[e], xv));
+            }
           }
         }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(sums[r][g], ones));
       }
     }
     const __m256i s = _mm256_permutevar8x32_epi32(
@@ -455,6 +464,15 @@ struct Problem {
   const QuantizedX* qx;  // x quantized (int8_activations), else null
 };
 
+// A decode group's rows read one after the other; the codes kAhead rows on are fetched ahead of
+// the hardware's prefetch: 4 experts x 1 row of gate_up [2880, 5760] from DRAM, int8 path, ms:
+// none 1.80, 4 rows ahead 1.66, 8 rows 1.53, 16 rows 1.53 (AMD EPYC, Zen 3, one run, 10 x 100 calls).
+constexpr int64_t kAhead = 8;
+
+inline void Prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 3);
+}
+
 // Output rows [o0, o1) of every group.
 void Work(const Problem& p, int64_t o0, int64_t o1) {
   std::vector<float> panel, scratch;  // for the panel path only (a decode step never allocates them)
@@ -471,6 +489,7 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
     if (p.qx != nullptr && n <= kFusedRows) {
       const int64_t r0 = start - n;
       for (int64_t o = o0; o < o1; ++o) {
+        if (o + kAhead < o1) Prefetch(codes + (o + kAhead) * 16 * p.blocks, 16 * p.blocks);
         const QRow w(codes + o * 16 * p.blocks, scales + o * p.blocks, p.blocks, p.end);
 #if defined(GPTOSS_MXFP4_AVX2)
         for (int64_t r = 0; r < n; r += 2) {
@@ -486,6 +505,7 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
 #if defined(GPTOSS_MXFP4_AVX2)
     if (n <= kFusedRows) {
       for (int64_t o = o0; o < o1; ++o) {
+        if (o + kAhead < o1) Prefetch(codes + (o + kAhead) * 16 * p.blocks, 16 * p.blocks);
         const Row w = row(o);
         switch (n) {
           case 1: FusedRow<1>(w, xg, p.width, p.chunks, yg + o, p.out); break;
