@@ -129,6 +129,25 @@ def test_the_mxfp4_model_runs_the_mxfp4_kernel_on_cpu_only(monkeypatch):
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
 
+def test_int8_activations_move_only_the_decode_logits_a_little():
+    """Config.expert_activations "int8": a decode step's logits move (within 2% of the largest), a
+    prefill whose experts see more than 4 rows each does not; a bad value is refused by name."""
+    config = dataclasses.replace(gptoss_jax.load_config("tiny-mxfp4"), expert_format="mxfp4")
+    quantized = dataclasses.replace(config, expert_activations="int8")
+    params = gptoss_jax.init_params(config, seed=3, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, config.vocab_size, (1, 96)), jnp.int32)
+
+    def logits(config, tokens):
+        return np.asarray(jax.jit(lambda p, t: gptoss_jax.forward(config, p, t))(params, tokens))
+
+    step, step_int8 = logits(config, tokens[:, :1]), logits(quantized, tokens[:, :1])
+    assert 0 < np.max(np.abs(step_int8 - step)) <= 2e-2 * np.max(np.abs(step))
+    prefill = logits(config, tokens)  # 96 tokens x 4 experts over 12: every expert takes > 4 rows
+    assert np.array_equal(logits(quantized, tokens), prefill)
+    with pytest.raises(ValueError, match="expert_activations"):
+        dataclasses.replace(config, expert_activations="int4")
+
+
 MXFP4_CASES = {
     # rows, in, out, group sizes, layers: 1-4 rows per group (decoded into registers), empty groups,
     # 5 blocks of 32 inputs (a partial chunk of 16 blocks only)
@@ -169,6 +188,39 @@ def test_mxfp4_values_equal_the_tiled_grouped_matmul(name):
     assert np.all(got[used:] == 0) and np.all(np.abs(got[:used]).max(axis=1) > 0)
 
 
+def _q8_0(x):
+    """Rows of x quantized per block of 32 as the int8 path does (llama.cpp's Q8_0), back to float32."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    return (np.rint(blocks * inverse) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", MXFP4_CASES)
+def test_mxfp4_int8_activations_are_q8_0_inputs(name):
+    """int8 activations: groups of <= 4 rows multiply x rounded to Q8_0 (exact integer sums; only the
+    float order differs), larger groups x itself; the rounding moves the result by ~0.5% (rms)."""
+    rows, in_, out, sizes, layers = MXFP4_CASES[name]
+    x, w, group_sizes = _mxfp4_case(rows, in_, out, sizes, layers, seed=3)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    got = np.asarray(jax.jit(lambda x, b, s, g: native.mxfp4_grouped_matmul(
+        x, b, s, g, layer, reference=_mxfp4_reference, int8_activations=True))(x, w.blocks, w.scales, group_sizes))
+    small = np.repeat(np.asarray(sizes) <= 4, sizes)  # rows of the groups that quantize
+    x_in = np.where(np.pad(small, (0, rows - len(small)))[:, None], _q8_0(np.asarray(x)), np.asarray(x))
+    reference = jax.jit(lambda x, b, s, g: _mxfp4_reference(x, b, s, g, layer))
+    want = np.asarray(reference(jnp.asarray(x_in), w.blocks, w.scales, group_sizes))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), name
+    exact = np.asarray(reference(x, w.blocks, w.scales, group_sizes))[: len(small)][small]
+    error = np.sqrt(np.mean((got[: len(small)][small] - exact) ** 2) / np.mean(exact ** 2))
+    assert 1e-4 < error < 1e-2, (name, error)
+    if name == "decode":  # a NaN in a quantized row poisons that row only, as in float
+        x_nan = np.asarray(x).copy()
+        x_nan[0, 5] = np.nan
+        y = np.asarray(native.mxfp4_grouped_matmul(jnp.asarray(x_nan), w.blocks, w.scales, group_sizes, layer,
+                                                   reference=_mxfp4_reference, int8_activations=True))
+        assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any()
+
+
 def test_portable_builds_equal_the_pure_jax_paths(tmp_path):
     """Built without AVX2 (`-mno-avx2`, as on a CPU without it): the MXFP4 kernel decodes one code at
     a time into a buffer for every group size, the others use plain vector types; the same values."""
@@ -177,6 +229,7 @@ def test_portable_builds_equal_the_pure_jax_paths(tmp_path):
     script = ("import sys; sys.path.insert(0, 'tests'); import test_native as t; from gptoss_jax.ops import native;"
               "assert native.mxfp4_decode() == 'portable', native.mxfp4_decode();"
               "[t.test_mxfp4_values_equal_the_tiled_grouped_matmul(name) for name in t.MXFP4_CASES];"
+              "[t.test_mxfp4_int8_activations_are_q8_0_inputs(name) for name in t.MXFP4_CASES];"
               "[t.test_values_equal_the_tiled_grouped_matmul(name, 'bits') for name in ('streamed, threaded',"
               " 'one group, threaded', 'tail and padding')];"
               "t.test_values_equal_the_tiled_grouped_matmul('stacked, threaded', 'float32');"
