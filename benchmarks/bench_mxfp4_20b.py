@@ -14,8 +14,9 @@ Steps, each in its own child process (so that its peak RSS, `ru_maxrss`, is its 
    prompt, then `--new-tokens` greedy tokens through `stream_generate` (one jitted decode step per
    token): load seconds, prefill seconds, decode tokens/s (median step after the first, which
    compiles), then the same with `Config.expert_activations` "int8" (x quantized to int8 blocks
-   entering the MXFP4 experts, as llama.cpp does: `--int8-activations`); then a `--prefill-tokens` (512) prompt twice through `stream_generate` (one new
-   token): the second one's time to its first token is the warm prefill; peak RSS of the process;
+   entering the MXFP4 experts, as llama.cpp does: `--int8-activations`); then a `--prefill-tokens`
+   (512) prompt twice through `stream_generate` (one new token): the second one's time to its first
+   token is the warm prefill; peak RSS of the process;
 5. the fraction of the roofline: bytes one batch-1 decode token must read (4 experts per layer as
    packed MXFP4, attention / router / unembedding in bfloat16, the KV cache) / matvec bandwidth,
    against the measured time per token;

@@ -16,7 +16,9 @@
 //   (AVX2: 8 x 8 transposes in registers), the scales folded in; then 6 rows of x at a time take
 //   their outer products with it (2 x 6 vectors of sums in registers).
 // Without AVX2 the second way serves every group, the decode done one code at a time.
-// Output rows are split between threads.
+// With `int8_activations` (`Config.expert_activations`, off by default) decode groups instead take x
+// rounded to int8 per block of 32 and sum byte products in int32, as llama.cpp does (see Quantize).
+// Output rows are split between the pool's threads (cpu_pool.h).
 
 #include <algorithm>
 #include <cmath>
