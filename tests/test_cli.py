@@ -28,7 +28,8 @@ def test_generate_streams_text_and_chat_keeps_history(capsys, monkeypatch):
 
 def test_dtype_flag_picks_the_weights_dtype():
     """--dtype float32 loads a Hugging Face directory in float32 (bfloat16 without it; XLA:CPU runs
-    bfloat16 about half as fast); random: weights are float32 unless told otherwise."""
+    bfloat16 about half as fast); random: weights are float32 unless told otherwise;
+    --int8-activations sets Config.expert_activations."""
     import numpy as np
 
     tiny = str(Path(__file__).parent / "fixtures" / "tiny-a")
@@ -37,6 +38,9 @@ def test_dtype_flag_picks_the_weights_dtype():
                        (("random:tiny-a",), "float32"), (("random:tiny-a", "--dtype", "bfloat16"), "bfloat16")]:
         _, params = cli._load(parse(*args))
         assert np.dtype(params["embed"].dtype) == np.dtype(want), args
+    for extra, want in [((), "float"), (("--int8-activations",), "int8")]:  # MXFP4 experts' inputs
+        config, _ = cli._load(parse(tiny, *extra))
+        assert config.expert_activations == want, extra
 
 
 def test_bad_model_and_bad_sampling_get_clear_errors(capsys, tmp_path):
