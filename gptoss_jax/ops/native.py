@@ -35,8 +35,8 @@ from gptoss_jax.ops import bits
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_mxfp4.cc"))
-HEADERS = (Path(__file__).with_name("cpu_simd.h"), Path(__file__).with_name("cpu_pool.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_unembed.cc", "cpu_mxfp4.cc"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_simd.h", "cpu_pool.h", "cpu_amx.h"))
 TARGETS = {"gptoss_grouped_matmul": "GptossGroupedMatmul", "gptoss_unembed": "GptossUnembed",
            "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul"}
 """XLA custom-call targets -> the library's handler symbols."""
