@@ -229,7 +229,7 @@ def test_portable_builds_equal_the_pure_jax_paths(tmp_path):
     script = ("import sys; sys.path.insert(0, 'tests'); import test_native as t; from gptoss_jax.ops import native;"
               "assert native.mxfp4_decode() == 'portable', native.mxfp4_decode();"
               "[t.test_mxfp4_values_equal_the_tiled_grouped_matmul(name) for name in t.MXFP4_CASES];"
-              "[t.test_mxfp4_int8_activations_are_q8_0_inputs(name) for name in t.MXFP4_CASES];"
+              "[t.test_mxfp4_int8_activations_are_q8_0_inputs(name) for name in ('decode', 'threaded')];"
               "[t.test_values_equal_the_tiled_grouped_matmul(name, 'bits') for name in ('streamed, threaded',"
               " 'one group, threaded', 'tail and padding')];"
               "t.test_values_equal_the_tiled_grouped_matmul('stacked, threaded', 'float32');"
