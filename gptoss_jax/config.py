@@ -55,7 +55,9 @@ class Config:
     """How MXFP4 experts take their input on CPU: "float" (float32, exact against the dequantized
     weights), or "int8": in decode (at most 4 rows per expert) each row quantized per block of 32 to
     int8 with a float scale, as llama.cpp does (Q8_0; relative error ~0.5% per expert product, see
-    `ops.cpu_mxfp4.cc`); faster, off by default. A runtime choice: not saved with a checkpoint."""
+    `ops.cpu_mxfp4.cc`); faster, off by default. A runtime choice: not saved with a checkpoint. With
+    "int8" a token's result depends on whether its expert sees more than 4 rows in that step (those
+    stay float), so the engine's same-tokens-whatever-the-other-slots guarantee holds in "float" only."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
