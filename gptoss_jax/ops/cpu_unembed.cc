@@ -30,75 +30,68 @@ constexpr int kRows = 4;  // rows of x per pass over a few table rows
 constexpr int64_t kAmxUnembedRows = 4;  // fewer: the dot products read the table at bandwidth already
 #endif
 
+// The vector the dot products step by: with AVX2 8 floats, R x J = 4 x 3 sums in registers (12 of
+// the 16; as pairs of 8 they spilled: bench config unembedding, float32, 8 rows 66 ms where 4 rows
+// took 32), else `F16` (one AVX-512 register), 4 x 4 sums.
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// y[r][j] = x[r] . t[j] for r < R, j < J (x[r], y[r]: row pointers; t: J consecutive table rows of d).
-// AVX2: 8 floats a step, R x J sums in registers (4 x 3: 12 of the 16; as 16-float pairs they
-// spilled: bench config unembedding, float32, 8 rows 66 ms where 4 rows took 32).
+using DotVector = __m256;
+constexpr int kDotLanes = 8;
 constexpr int64_t kTableRows = 3;
-
-template <int R, int J, typename W>
-void Dots(const float* const* x, int64_t d, const W* t, float* const* y) {
-  __m256 acc[R][J];
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
-  }
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    __m256 w[J];
-    for (int j = 0; j < J; ++j) {
-      if (i % (64 / sizeof(W)) == 0) __builtin_prefetch(t + (J + j) * d + i);  // as below, once per line
-      w[j] = Load8(t + j * d + i);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x[r] + i);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < J; ++j) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc[r][j]);
-      float sum = 0.0f;
-      for (int k = 0; k < 8; ++k) sum += lanes[k];
-      for (int64_t k = i; k < d; ++k) sum += x[r][k] * Widen(t[j * d + k]);
-      y[r][j] = sum;
-    }
-  }
+template <typename T>
+inline DotVector LoadDot(const T* p) { return Load8(p); }
+inline DotVector ZeroDot() { return _mm256_setzero_ps(); }
+inline DotVector Fma(DotVector a, DotVector b, DotVector acc) { return _mm256_fmadd_ps(a, b, acc); }
+inline float SumDot(DotVector v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float sum = 0.0f;
+  for (int k = 0; k < 8; ++k) sum += lanes[k];
+  return sum;
 }
 #else
+using DotVector = F16;
+constexpr int kDotLanes = 16;
 constexpr int64_t kTableRows = 4;
+template <typename T>
+inline DotVector LoadDot(const T* p) { return Load16(p); }
+inline DotVector ZeroDot() { return Zero16(); }
+inline DotVector Fma(const DotVector& a, const DotVector& b, DotVector acc) { return acc += a * b; }
+inline float SumDot(const DotVector& v) {
+  float sum = 0.0f;
+  for (int k = 0; k < 16; ++k) sum += v[k];
+  return sum;
+}
+#endif
 
 // y[r][j] = x[r] . t[j] for r < R, j < J (x[r], y[r]: row pointers; t: J consecutive table rows of d).
 template <int R, int J, typename W>
 void Dots(const float* const* x, int64_t d, const W* t, float* const* y) {
-  F16 acc[R][J];
+  DotVector acc[R][J];
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < J; ++j) acc[r][j] = Zero16();
+    for (int j = 0; j < J; ++j) acc[r][j] = ZeroDot();
   }
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    F16 w[J];
+  for (; i + kDotLanes <= d; i += kDotLanes) {
+    DotVector w[J];
     for (int j = 0; j < J; ++j) {
-      // the next J table rows: short rows (2 KB of bfloat16) end before the hardware prefetcher
-      // ramps up (bench config unembedding, batch 1, bfloat16: 33.0 -> 16.5 ms; float32 36.3 -> 31.2)
-      __builtin_prefetch(t + (J + j) * d + i);
-      w[j] = Load16(t + j * d + i);
+      // the next J table rows, once per line: short rows (2 KB of bfloat16) end before the hardware
+      // prefetcher ramps up (bench config unembedding, batch 1, bfloat16: 33.0 -> 16.5 ms; float32 36.3 -> 31.2)
+      if (i % (64 / sizeof(W)) == 0) __builtin_prefetch(t + (J + j) * d + i);
+      w[j] = LoadDot(t + j * d + i);
     }
     for (int r = 0; r < R; ++r) {
-      const F16 xv = Load16(x[r] + i);
-      for (int j = 0; j < J; ++j) acc[r][j] += xv * w[j];
+      const DotVector xv = LoadDot(x[r] + i);
+      for (int j = 0; j < J; ++j) acc[r][j] = Fma(xv, w[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < J; ++j) {
-      float sum = 0.0f;
-      for (int k = 0; k < 16; ++k) sum += acc[r][j][k];
+      float sum = SumDot(acc[r][j]);
       for (int64_t k = i; k < d; ++k) sum += x[r][k] * Widen(t[j * d + k]);
       y[r][j] = sum;
     }
   }
 }
-#endif
 
 #if defined(__AVX512BF16__)
 // The same for a bfloat16 table and x rounded to bfloat16 (X = uint16_t bits): vdpbf16ps multiplies
