@@ -456,7 +456,7 @@ void PanelProducts(const float* xp, int64_t n, int64_t width, const float* panel
 }
 
 struct Problem {
-  const float* xp;  // [m, width]
+  const float* xp;  // [m, width], or null where only int8 decode groups read x
   const uint8_t* codes;  // [g, out, 16, blocks]
   const uint8_t* scales;  // [g, out, blocks]
   const uint8_t* end;  // of every layer's codes
@@ -481,7 +481,7 @@ void Work(const Problem& p, int64_t o0, int64_t o1) {
   int64_t start = 0;
   for (int64_t g = 0; g < p.groups && start < p.m; ++g) {
     const int64_t n = std::min<int64_t>(std::max<int32_t>(p.sizes[g], 0), p.m - start);
-    const float* xg = p.xp + start * p.width;
+    const float* xg = p.xp != nullptr ? p.xp + start * p.width : nullptr;  // null: int8 decode only
     float* yg = p.y + start * p.out;
     start += n;
     if (n == 0) continue;
@@ -552,13 +552,20 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> bloc
   const int64_t m = xd[0], in = xd[1], layers = bd[0], groups = bd[1], out = bd[2], k = bd[4];
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1);
   const int64_t chunks = (k + kChunkBlocks - 1) / kChunkBlocks;
-  std::vector<float> xp = Permute(x.typed_data(), m, in, chunks);
-  QuantizedX qx;
-  if (int8_activations) qx = Quantize(x.typed_data(), m, in);
-  Problem p{xp.data(), blocks.typed_data() + l * groups * out * kBlockBytes * k,
+  bool small = false, large = false;  // groups of 1..kFusedRows rows and of more, as Work clips them
+  for (int64_t g = 0, start = 0; g < groups && start < m; ++g) {
+    const int64_t n = std::min<int64_t>(std::max<int32_t>(group_sizes.typed_data()[g], 0), m - start);
+    (n > kFusedRows ? large : small) |= n > 0;
+    start += n;
+  }
+  QuantizedX qx;  // x as each path reads it: quantized for int8 decode groups, permuted for the others
+  if (int8_activations && small) qx = Quantize(x.typed_data(), m, in);
+  std::vector<float> xp;
+  if (!int8_activations || large) xp = Permute(x.typed_data(), m, in, chunks);
+  Problem p{xp.empty() ? nullptr : xp.data(), blocks.typed_data() + l * groups * out * kBlockBytes * k,
             scales.typed_data() + l * groups * out * k, blocks.typed_data() + layers * groups * out * kBlockBytes * k,
             group_sizes.typed_data(), groups, m, k, chunks,
-            chunks * kChunkFloats, out, y->typed_data(), int8_activations ? &qx : nullptr};
+            chunks * kChunkFloats, out, y->typed_data(), int8_activations && small ? &qx : nullptr};
   std::memset(p.y, 0, sizeof(float) * m * out);
   // the pool's threads only where the work pays for waking them; each an even share of rows
   auto& pool = gptoss::Pool::Get();
