@@ -287,8 +287,9 @@ class Transformer(nnx.Module):
 
         def one_pair(carry: tuple[Groups, Groups], index: jax.Array) -> tuple[tuple[Groups, Groups], Groups]:
             # Expert matrices, attention projections (as views) and the KV cache stay stacked and are
-            # read (and the cache written) at `index` in place: XLA copies any slice taken here, and for the cache it also kept a
-            # second whole cache for the scan's output (3 GiB for gpt-oss-20b at 128k).
+            # read (and the cache written) at `index` in place: XLA copies any slice taken here, and
+            # for the cache it also kept a second whole cache for the scan's output (3 GiB for
+            # gpt-oss-20b at 128k).
             xs, kvs = carry
             params = bits.layer_slice(pair_params, index, keep=EXPERT_MATRICES, views=ATTENTION_MATRICES)
             xs, hidden, kvs = nnx.merge(pair_graph, params)(xs, positions, ropes, kvs, views, index, segments)
